@@ -1,0 +1,205 @@
+"""AMQP throughput: conveyor vs the RabbitMQ on this machine, same clients, one run.
+
+    python benchmarks/bench_amqp.py [--messages 20000] [--durability fsync]
+
+Persistent messages (delivery_mode 2), publisher confirms, manual acks, prefetch 1000,
+100-byte bodies. For each client (aio-pika, pika) and each server: publish msg/s (all
+confirmed) then consume+ack msg/s. conveyor runs in its own process (SQLite store in a
+temporary directory, the chosen durability), so client and server do not share a GIL.
+
+aio-pika publishes with up to ``--window`` unconfirmed messages in flight; pika's
+BlockingConnection waits for each confirm before the next publish (its only mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import aio_pika
+import pika
+
+BODY = b"x" * 100
+SERVER = """
+import asyncio, sys
+from conveyor.broker import Broker
+from conveyor.server.amqp import AmqpServer
+
+async def main():
+    broker = await Broker.open(sys.argv[1], durability=sys.argv[2])
+    server = AmqpServer(broker)
+    port = await server.start("127.0.0.1", 0)
+    print(port, flush=True)
+    await asyncio.Event().wait()
+
+try:
+    import uvloop
+    uvloop.install()
+except ImportError:
+    pass
+asyncio.run(main())
+"""
+
+
+def start_conveyor(data_dir: str, durability: str) -> tuple[subprocess.Popen[str], int]:
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parent.parent / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVER, f"sqlite:///{data_dir}", durability],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    port = int(proc.stdout.readline())
+    return proc, port
+
+
+async def aio_publish(url: str, queue: str, n: int, window: int) -> float:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.declare_queue(queue, durable=True)
+        exchange = channel.default_exchange
+        start = time.perf_counter()
+        sent = 0
+        while sent < n:
+            batch = min(window, n - sent)
+            await asyncio.gather(
+                *(
+                    exchange.publish(
+                        aio_pika.Message(BODY, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                        queue,
+                    )
+                    for _ in range(batch)
+                )
+            )
+            sent += batch
+        return n / (time.perf_counter() - start)
+
+
+async def aio_consume(url: str, queue: str, n: int) -> float:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=1000)
+        q = await channel.declare_queue(queue, durable=True)
+        done = asyncio.Event()
+        count = 0
+        start = time.perf_counter()
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            nonlocal count
+            await message.ack()
+            count += 1
+            if count == n:
+                done.set()
+
+        tag = await q.consume(on_message)
+        await done.wait()
+        rate = n / (time.perf_counter() - start)
+        await q.cancel(tag)
+        await q.delete(if_unused=False, if_empty=False)
+        return rate
+
+
+def pika_publish(host: str, port: int, queue: str, n: int) -> float:
+    conn = pika.BlockingConnection(pika.ConnectionParameters(host, port))
+    ch = conn.channel()
+    ch.queue_declare(queue, durable=True)
+    ch.confirm_delivery()
+    props = pika.BasicProperties(delivery_mode=2)
+    start = time.perf_counter()
+    for _ in range(n):
+        ch.basic_publish("", queue, BODY, props)
+    rate = n / (time.perf_counter() - start)
+    conn.close()
+    return rate
+
+
+def pika_consume(host: str, port: int, queue: str, n: int) -> float:
+    conn = pika.BlockingConnection(pika.ConnectionParameters(host, port))
+    ch = conn.channel()
+    ch.basic_qos(prefetch_count=1000)
+    count = 0
+    start = time.perf_counter()
+
+    def on_message(c: object, method: object, props: object, body: bytes) -> None:
+        nonlocal count
+        ch.basic_ack(method.delivery_tag)  # type: ignore[attr-defined]
+        count += 1
+        if count == n:
+            ch.stop_consuming()
+
+    ch.basic_consume(queue, on_message)
+    ch.start_consuming()
+    rate = n / (time.perf_counter() - start)
+    ch.queue_delete(queue)
+    conn.close()
+    return rate
+
+
+def run(host: str, port: int, n: int, pika_n: int, window: int) -> dict[str, float]:
+    url = f"amqp://guest:guest@{host}:{port}/"
+    q1 = f"bench-aio-{uuid.uuid4().hex[:6]}"
+    q2 = f"bench-pika-{uuid.uuid4().hex[:6]}"
+    out = {
+        "aio-pika publish": asyncio.run(aio_publish(url, q1, n, window)),
+        "aio-pika consume+ack": asyncio.run(aio_consume(url, q1, n)),
+        "pika publish": pika_publish(host, port, q2, pika_n),
+        "pika consume+ack": pika_consume(host, port, q2, pika_n),
+    }
+    return out
+
+
+def rabbit_up() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 5672), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--messages", type=int, default=20000)
+    parser.add_argument("--pika-messages", type=int, default=5000)
+    parser.add_argument("--window", type=int, default=1000)
+    parser.add_argument("--durability", default="fsync", choices=["fsync", "os", "none"])
+    args = parser.parse_args()
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as data:
+        proc, port = start_conveyor(data, args.durability)
+        try:
+            results["conveyor"] = run(
+                "127.0.0.1", port, args.messages, args.pika_messages, args.window
+            )
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    if rabbit_up():
+        results["rabbitmq"] = run("127.0.0.1", 5672, args.messages, args.pika_messages, args.window)
+    print(
+        f"{args.messages} msgs (pika {args.pika_messages}), 100-byte bodies, persistent, "
+        f"confirms, manual acks, prefetch 1000; conveyor durability={args.durability}"
+    )
+    print(f"{'':24}{'conveyor':>12}{'rabbitmq':>12}{'ratio':>8}")
+    for key in results["conveyor"]:
+        ours = results["conveyor"][key]
+        theirs = results.get("rabbitmq", {}).get(key)
+        ratio = f"{ours / theirs:.2f}x" if theirs else "-"
+        shown = f"{theirs:,.0f}" if theirs else "-"
+        print(f"{key:24}{ours:>12,.0f}{shown:>12}{ratio:>8}")
+
+
+if __name__ == "__main__":
+    main()

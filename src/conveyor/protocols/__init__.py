@@ -1,0 +1,1 @@
+"""Sans-I/O protocol codecs: bytes and JSON in, typed objects out; no sockets, no asyncio."""

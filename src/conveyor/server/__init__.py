@@ -1,0 +1,1 @@
+"""asyncio listeners: bytes <-> protocol objects <-> Broker calls."""

@@ -1,0 +1,192 @@
+"""Server configuration: command-line flags > ``CONVEYOR_*`` environment > TOML file.
+
+The TOML file holds the same keys as the flags, flat, with underscores::
+
+    data = "/var/lib/conveyor"
+    host = "0.0.0.0"
+    http_port = 9324
+    amqp_port = 5672        # 0 picks a free port; false disables AMQP
+    durability = "fsync"
+    token = "s3cret"
+    shutdown_timeout = 10
+
+    sqs_account_id = "000000000000"
+    sqs_region = "us-east-1"
+
+    [users]                 # AMQP PLAIN users (user = "password")
+    guest = "guest"
+
+    [sqs_access_keys]       # SQS SigV4 credentials (access key id = "secret")
+    AKIDEXAMPLE = "secret"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args
+
+from conveyor.errors import InvalidArgument
+from conveyor.model import Durability
+
+DEFAULT_DATA = "conveyor-data"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_HTTP_PORT = 9324
+DEFAULT_AMQP_PORT = 5672
+ENV_PREFIX = "CONVEYOR_"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    #: A data directory, or a store URL (``sqlite:///dir``, ``memory://``, ``postgresql://``).
+    data: str = DEFAULT_DATA
+    host: str = DEFAULT_HOST
+    http_port: int = DEFAULT_HTTP_PORT
+    #: None disables the AMQP listener; 0 binds an ephemeral port.
+    amqp_port: int | None = DEFAULT_AMQP_PORT
+    durability: Durability = "fsync"
+    #: Bearer token every HTTP request must carry; required off loopback.
+    token: str | None = None
+    #: Seconds to let in-flight requests finish on SIGTERM before cutting them off.
+    shutdown_timeout: float = 10.0
+    #: Largest request body the HTTP listener reads, in bytes.
+    max_request_size: int = 64 * 1024 * 1024
+    #: AMQP PLAIN users (name -> password); none: guest/guest, from loopback only.
+    users: Mapping[str, str] = field(default_factory=dict)
+    sqs_account_id: str = "000000000000"
+    sqs_region: str = "us-east-1"
+    #: SQS access key id -> secret key; SigV4 signatures are checked against these.
+    #: Without them SQS requests are not authenticated, so with a ``token`` set the SQS
+    #: API stays closed (its clients cannot send the bearer token).
+    sqs_access_keys: Mapping[str, str] = field(default_factory=dict)
+    log_level: str = "info"
+    #: Where to write ``{"pid", "http_port", "amqp_port", ...}`` once listening.
+    ready_file: str | None = None
+    #: Tests only: a FakeClock moved by ``POST /_test/advance`` instead of real timers.
+    test_clock: bool = False
+    #: The file the settings came from, if any (for the banner).
+    config_file: str | None = None
+
+    def is_loopback(self) -> bool:
+        return is_loopback(self.host)
+
+
+_INT_KEYS = {"http_port", "max_request_size"}
+_FLOAT_KEYS = {"shutdown_timeout"}
+_STR_KEYS = {
+    "data", "host", "durability", "token", "log_level", "ready_file", "sqs_account_id",
+    "sqs_region",
+}  # fmt: skip
+_TABLE_KEYS = {"users", "sqs_access_keys"}
+_KEYS = {f.name for f in dataclasses.fields(ServerConfig)} - {"config_file"}
+
+
+def load_config(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: str | os.PathLike[str] | None = None,
+) -> ServerConfig:
+    """Merge the three sources; flags whose value is None count as not given.
+
+    ``config_file`` falls back to ``CONVEYOR_CONFIG``. Raises InvalidArgument with a
+    message that names the offending setting.
+    """
+    env = os.environ if env is None else env
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    path = config_file or env.get(ENV_PREFIX + "CONFIG")
+    merged: dict[str, Any] = {}
+    if path:
+        merged.update(_read_toml(Path(path)))
+    for key in _KEYS - _TABLE_KEYS:
+        raw = env.get(ENV_PREFIX + key.upper())
+        if raw is not None and raw != "":
+            merged[key] = _from_env(key, raw)
+    merged.update(flags)
+    unknown = set(merged) - _KEYS
+    if unknown:
+        raise InvalidArgument(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    values = {k: _coerce(k, v) for k, v in merged.items()}
+    if path:
+        values["config_file"] = str(path)
+    return ServerConfig(**values)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise InvalidArgument(f"config file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidArgument(f"config file {str(path)!r}: {exc}") from None
+
+
+def _from_env(key: str, raw: str) -> Any:
+    if key == "amqp_port" and raw.lower() in ("off", "false", "no", "none", "disabled"):
+        return False
+    return raw
+
+
+def _coerce(key: str, value: Any) -> Any:
+    where = f"setting {key!r}"
+    if key == "amqp_port":
+        if value is False:
+            return None
+        return _port(where, value)
+    if key == "http_port":
+        return _port(where, value)
+    if key == "test_clock":
+        return value is True or str(value).lower() in ("1", "true", "yes")
+    if key in _INT_KEYS:
+        return _int(where, value)
+    if key in _FLOAT_KEYS:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise InvalidArgument(f"{where} must be a number, got {value!r}") from None
+    if key == "durability":
+        choices = get_args(Durability)
+        if value not in choices:
+            raise InvalidArgument(f"{where} must be one of {', '.join(choices)}, got {value!r}")
+        return value
+    if key == "users":
+        if not isinstance(value, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise InvalidArgument(f'{where} must be a table of user = "password"')
+        return dict(value)
+    if key in _STR_KEYS:
+        if not isinstance(value, str):
+            raise InvalidArgument(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _int(where: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise InvalidArgument(f"{where} must be an integer, got {value!r}")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"{where} must be an integer, got {value!r}") from None
+
+
+def _port(where: str, value: Any) -> int:
+    port = _int(where, value)
+    if not 0 <= port <= 65535:
+        raise InvalidArgument(f"{where} must be a port between 0 and 65535, got {port}")
+    return port
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

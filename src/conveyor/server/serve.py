@@ -1,0 +1,229 @@
+"""``conveyor serve``: one process, one event loop, every listener.
+
+Start-up: open the broker, bind every listener (a taken port is a ListenError naming
+the flag), print the banner, write the ready file. On SIGTERM or SIGINT: answer
+pending long polls with nothing, stop accepting, let in-flight requests finish (up to
+``shutdown_timeout``), then close the broker, which commits everything accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from aiohttp import web
+
+from conveyor.broker import Broker, FakeClock
+from conveyor.server.amqp import AmqpServer
+from conveyor.server.config import ServerConfig
+from conveyor.server.http import add_test_routes, build_app
+from conveyor.server.metrics import Metrics
+
+log = logging.getLogger("conveyor.server")
+
+
+class ListenError(Exception):
+    """A listener could not bind; the message names the setting that changes it."""
+
+
+@dataclass
+class Listener:
+    name: str
+    url: str
+    port: int
+
+
+@dataclass
+class RunningServer:
+    config: ServerConfig
+    broker: Broker
+    listeners: list[Listener] = field(default_factory=list)
+
+    def port(self, name: str) -> int | None:
+        return next((x.port for x in self.listeners if x.name == name), None)
+
+
+def version() -> str:
+    try:
+        from importlib.metadata import version as _v
+
+        return _v("conveyor-mq")
+    except Exception:
+        return "0+unknown"
+
+
+def store_url(data: str) -> str:
+    """``--data`` takes a directory or a store URL."""
+    return data if "://" in data else str(Path(data))
+
+
+def bind_socket(host: str, port: int, flag: str) -> socket.socket:
+    """Bind and listen, turning the OS error into a message that names ``flag``."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ListenError(
+            f"cannot resolve host {host!r} ({exc.strerror}); change it with --host"
+        ) from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ListenError(
+                f"port {port} on {host} is already in use; choose another with {flag}"
+            ) from None
+        if exc.errno == errno.EACCES:
+            raise ListenError(
+                f"no permission to listen on port {port} on {host}; choose another with {flag}"
+            ) from None
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}; see {flag}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def _url(scheme: str, host: str, port: int) -> str:
+    shown = host
+    if host in ("0.0.0.0", "", "::"):
+        shown = socket.gethostname()
+    elif ":" in host:
+        shown = f"[{host}]"
+    return f"{scheme}://{shown}:{port}"
+
+
+def banner(running: RunningServer, ver: str) -> str:
+    c = running.config
+    lines = [f"conveyor {ver}"]
+    lines.append(f"  data        {store_url(c.data)}")
+    lines.append(f"  durability  {c.durability}")
+    if c.config_file:
+        lines.append(f"  config      {c.config_file}")
+    lines.append(f"  auth        {'bearer token' if c.token else 'open (loopback only)'}")
+    for x in running.listeners:
+        lines.append(f"  {x.name:<11} {x.url}")
+        if x.name == "http":
+            lines.append(f"  {'sqs':<11} {x.url} (Amazon SQS API on the HTTP port)")
+    return "\n".join(lines)
+
+
+def write_ready_file(path: str, running: RunningServer) -> None:
+    """Atomically write the bound ports, for scripts and tests that start servers."""
+    info = {
+        "pid": os.getpid(),
+        "http_port": running.port("http"),
+        "amqp_port": running.port("amqp"),
+        "urls": {x.name: x.url for x in running.listeners},
+        "data": store_url(running.config.data),
+        "durability": running.config.durability,
+    }
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(info, f)
+    os.replace(tmp, path)
+
+
+def check_config(config: ServerConfig) -> None:
+    if not config.is_loopback() and not config.token:
+        raise ListenError(
+            f"refusing to listen on {config.host} without a token: set --token "
+            "(or CONVEYOR_TOKEN), or bind to 127.0.0.1"
+        )
+
+
+async def serve(
+    config: ServerConfig,
+    *,
+    out: TextIO | None = None,
+    on_ready: Callable[[RunningServer], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT (or ``stop`` is set). Raises ListenError on bind failure."""
+    check_config(config)
+    out = out or sys.stdout
+    ver = version()
+    stop = stop or asyncio.Event()
+    stopping = asyncio.Event()
+    if config.test_clock:
+        clock = FakeClock()
+        broker = await Broker.open(
+            store_url(config.data), durability=config.durability, clock=clock, timers=False
+        )
+    else:
+        clock = None
+        broker = await Broker.open(store_url(config.data), durability=config.durability)
+    running = RunningServer(config=config, broker=broker)
+    runner: web.AppRunner | None = None
+    amqp_server: AmqpServer | None = None
+    try:
+        metrics = Metrics()
+        app = build_app(broker, config, metrics=metrics, stopping=stopping, version=ver)
+        if clock is not None:
+            add_test_routes(app, broker, clock)
+        runner = web.AppRunner(
+            app, handle_signals=False, access_log=None, shutdown_timeout=config.shutdown_timeout
+        )
+        await runner.setup()
+        sock = bind_socket(config.host, config.http_port, "--http-port")
+        http_port = sock.getsockname()[1]
+        await web.SockSite(runner, sock).start()
+        running.listeners.append(Listener("http", _url("http", config.host, http_port), http_port))
+        server = runner.server
+        metrics.connection_sources["http"] = lambda: len(server.connections) if server else 0
+
+        if config.amqp_port is not None:
+            amqp = AmqpServer(broker, users=dict(config.users) or None)
+            amqp_sock = bind_socket(config.host, config.amqp_port, "--amqp-port (or --no-amqp)")
+            amqp_port = await amqp.start(config.host, config.amqp_port, sock=amqp_sock)
+            running.listeners.append(
+                Listener("amqp", _url("amqp", config.host, amqp_port), amqp_port)
+            )
+            amqp_server = amqp
+            metrics.connection_sources["amqp"] = lambda: len(amqp.connections)
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        print(banner(running, ver), file=out, flush=True)
+        if config.ready_file:
+            write_ready_file(config.ready_file, running)
+        if on_ready is not None:
+            on_ready(running)
+        await stop.wait()
+        log.info("shutting down")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    finally:
+        stopping.set()
+        if amqp_server is not None:
+            await amqp_server.close()  # unacked AMQP deliveries go back to their queues
+        if runner is not None:
+            await runner.cleanup()
+        await broker.close()
+    print("conveyor stopped", file=out, flush=True)
+
+
+def run(config: ServerConfig, *, out: TextIO | None = None) -> None:
+    """Run ``serve`` on a fresh loop (uvloop when installed)."""
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        pass
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(serve(config, out=out))

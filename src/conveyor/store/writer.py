@@ -1,0 +1,159 @@
+"""Group commit: one writer thread runs every caller's script in one transaction.
+
+Callers on the event loop submit scripts; the writer takes everything queued since its
+last round, runs each script inside a savepoint (so one failing script rolls back only
+itself), commits once, then resolves every caller's future. Nobody waits for a commit
+of their own, and a result is only seen after it is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeVar
+
+from conveyor.errors import ClosedError, ConveyorError, StoreError
+
+log = logging.getLogger("conveyor.store")
+
+TxT = TypeVar("TxT")
+T = TypeVar("T")
+
+#: Upper bound on scripts per transaction, so one round cannot grow without limit.
+MAX_ROUND = 2000
+
+
+class Backend(Protocol[TxT]):
+    """What the writer needs from a database dialect."""
+
+    def begin(self) -> TxT: ...
+    def savepoint(self) -> None: ...
+    def release(self) -> None: ...
+    def rollback_savepoint(self) -> None: ...
+    def snapshot(self, tx: TxT) -> Any: ...
+    def restore(self, tx: TxT, snap: Any) -> None: ...
+    def commit(self, tx: TxT) -> None: ...
+    def rollback(self) -> None: ...
+    def close(self) -> None: ...
+    def translate(self, exc: Exception) -> ConveyorError: ...
+
+
+class _Job(Generic[TxT]):
+    __slots__ = ("fut", "loop", "script")
+
+    def __init__(
+        self,
+        script: Callable[[TxT], Any],
+        loop: asyncio.AbstractEventLoop,
+        fut: asyncio.Future[Any],
+    ) -> None:
+        self.script = script
+        self.loop = loop
+        self.fut = fut
+
+
+def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if fut.done():  # the caller was cancelled; the work is committed regardless
+        return
+    if ok:
+        fut.set_result(value)
+    else:
+        fut.set_exception(value)
+
+
+class GroupCommitWriter(Generic[TxT]):
+    def __init__(self, backend: Backend[TxT], name: str = "conveyor-writer") -> None:
+        self._backend = backend
+        self._queue: queue.SimpleQueue[_Job[TxT] | None] = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    async def run(self, script: Callable[[TxT], T]) -> T:
+        if self._closed:
+            raise ClosedError("the store is closed")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Job(script, loop, fut))
+        return await fut
+
+    def close(self) -> None:
+        """Finish everything already submitted, then stop the thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join()
+
+    def _main(self) -> None:
+        stop = False
+        try:
+            while not stop:
+                first = self._queue.get()
+                if first is None:
+                    break
+                jobs = [first]
+                while len(jobs) < MAX_ROUND:
+                    try:
+                        nxt = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        stop = True
+                        break
+                    jobs.append(nxt)
+                self._round(jobs)
+        finally:
+            try:
+                self._backend.close()
+            except Exception:  # closing a broken connection must not hide the real error
+                log.exception("closing the store failed")
+
+    def _round(self, jobs: list[_Job[TxT]]) -> None:
+        backend = self._backend
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            tx = backend.begin()
+        except Exception as exc:
+            failure = backend.translate(exc)
+            for job in jobs:
+                job.loop.call_soon_threadsafe(_settle, job.fut, False, failure)
+            return
+        for job in jobs:
+            snap = backend.snapshot(tx)
+            try:
+                backend.savepoint()
+                value = job.script(tx)
+                backend.release()
+                outcomes.append((True, value))
+            except Exception as exc:
+                try:
+                    backend.rollback_savepoint()
+                except Exception:
+                    log.exception("rollback to savepoint failed")
+                backend.restore(tx, snap)
+                if isinstance(exc, ConveyorError):
+                    outcomes.append((False, exc))
+                else:
+                    log.exception("store script failed")
+                    outcomes.append((False, backend.translate(exc)))
+        try:
+            backend.commit(tx)
+        except Exception as exc:
+            log.exception("commit failed")
+            try:
+                backend.rollback()
+            except Exception:
+                log.exception("rollback failed")
+            err: ConveyorError = backend.translate(exc)
+            if not isinstance(err, StoreError):
+                err = StoreError(str(exc))
+            outcomes = [(False, err)] * len(jobs)
+        for job, (ok, value) in zip(jobs, outcomes, strict=True):
+            # RuntimeError: the caller's loop has closed; there is no one to tell.
+            with contextlib.suppress(RuntimeError):
+                job.loop.call_soon_threadsafe(_settle, job.fut, ok, value)

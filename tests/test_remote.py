@@ -150,7 +150,7 @@ def _free_port() -> int:
 
 async def test_unreachable_server_is_closed_error() -> None:
     b = RemoteBroker(f"http://127.0.0.1:{_free_port()}", retries=1)
-    with pytest.raises(errors.ClosedError, match="cannot reach"):
+    with pytest.raises(errors.Unavailable, match="cannot reach"):
         await b.list_queues()
     await b.close()
 

@@ -18,7 +18,8 @@
     │   ├── StoreFull
     │   ├── StoreCorrupt
     │   └── SchemaTooNew
-    └── ClosedError                the connection / broker has been closed
+    ├── ClosedError                the connection / broker has been closed
+    └── Unavailable                the server cannot be reached (remote client)
 
 Protocol adapters translate these into their own terms (HTTP status and code, SQS error
 codes, AMQP reply codes) at one boundary each; each class carries a stable machine
@@ -110,6 +111,10 @@ class ClosedError(ConveyorError):
     code = "closed"
 
 
+class Unavailable(ConveyorError):
+    code = "unavailable"
+
+
 #: Every concrete error class by its machine code; the remote client uses it to raise
 #: the same class the server raised.
 BY_CODE: dict[str, type[ConveyorError]] = {
@@ -134,5 +139,6 @@ BY_CODE: dict[str, type[ConveyorError]] = {
         StoreCorrupt,
         SchemaTooNew,
         ClosedError,
+        Unavailable,
     )
 }

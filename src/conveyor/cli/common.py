@@ -69,11 +69,11 @@ def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
-        except errors.ClosedError as exc:
-            hint = ""
-            if "cannot reach" in str(exc):
-                hint = " (is `conveyor serve` running? set --url or CONVEYOR_URL)"
+        except errors.Unavailable as exc:
+            hint = " (is `conveyor serve` running? set --url or CONVEYOR_URL)"
             raise click.ClickException(f"{exc}{hint}") from None
+        except errors.ClosedError as exc:
+            raise click.ClickException(str(exc)) from None
         except errors.ConveyorError as exc:
             raise click.ClickException(str(exc) or exc.code) from None
 

@@ -292,8 +292,8 @@ class AsyncQueue:
     async def purge(self) -> int:
         return await self._b.purge_queue(self.name)
 
-    async def delete(self) -> int:
-        return await self._b.delete_queue(self.name)
+    async def delete(self, *, if_unused: bool = False, if_empty: bool = False) -> int:
+        return await self._b.delete_queue(self.name, if_unused=if_unused, if_empty=if_empty)
 
     async def redrive(self, to: str | None = None, max_messages: int | None = None) -> int:
         """Move this (dead-letter) queue's messages back to where they came from."""
@@ -469,8 +469,18 @@ class AsyncConnection:
         info = await self.backend.declare_exchange(name, type, **kw)
         return AsyncExchange(self, info.name, info.type)
 
+    async def get_exchange(self, name: str) -> AsyncExchange:
+        """An existing exchange; ExchangeNotFound if there is none."""
+        info = await self.backend.declare_exchange(name, passive=True)
+        return AsyncExchange(self, info.name, info.type)
+
     async def exchanges(self) -> list[ExchangeInfo]:
         return await self.backend.list_exchanges()
+
+    async def bindings(
+        self, exchange: str | None = None, queue: str | None = None
+    ) -> list[Binding]:
+        return await self.backend.list_bindings(exchange=exchange, queue=queue)
 
 
 async def connect_async(url: str = "./conveyor-data", **kw: Any) -> AsyncConnection:
@@ -481,7 +491,7 @@ async def connect_async(url: str = "./conveyor-data", **kw: Any) -> AsyncConnect
 
 async def open_backend(url: str, **kw: Any) -> Backend:
     if url.startswith(("http://", "https://")):
-        from conveyor.client.remote import RemoteBroker  # type: ignore[import-not-found,unused-ignore]
+        from conveyor.client.remote import RemoteBroker
 
         backend: Backend = await RemoteBroker.open(url, **kw)
         return backend

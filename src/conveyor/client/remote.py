@@ -12,7 +12,7 @@ path, JSON body, how to read the answer) and the twin only runs it. Transport:
   sent); a connection lost mid-call is retried only for idempotent calls;
 - long polls: a receive with ``wait`` gets a read timeout of ``wait`` + a margin;
 - errors: the server's ``{"error": {"code": ...}}`` becomes the same ConveyorError
-  class the engine raised; an unreachable server is a ClosedError.
+  class the engine raised; an unreachable server is Unavailable.
 """
 
 from __future__ import annotations
@@ -391,9 +391,9 @@ def _result(call: _Call[T], status: int, content: bytes) -> T:
     return call.read(content)
 
 
-def _unreachable(url: str, exc: BaseException) -> errors.ClosedError:
+def _unreachable(url: str, exc: BaseException) -> errors.Unavailable:
     detail = str(exc) or type(exc).__name__
-    return errors.ClosedError(f"cannot reach conveyor at {url}: {detail}")
+    return errors.Unavailable(f"cannot reach conveyor at {url}: {detail}")
 
 
 def _may_retry(call: _Call[Any], exc: BaseException) -> bool:

@@ -155,8 +155,8 @@ class Queue:
     def purge(self) -> int:
         return self._lt.call(self._q.purge())
 
-    def delete(self) -> int:
-        return self._lt.call(self._q.delete())
+    def delete(self, *, if_unused: bool = False, if_empty: bool = False) -> int:
+        return self._lt.call(self._q.delete(if_unused=if_unused, if_empty=if_empty))
 
     def redrive(self, to: str | None = None, max_messages: int | None = None) -> int:
         return self._lt.call(self._q.redrive(to, max_messages))
@@ -289,8 +289,14 @@ class Connection:
     def exchange(self, name: str, type: str = "direct", **kw: Any) -> Exchange:
         return Exchange(self._lt, self._lt.call(self._conn.exchange(name, type, **kw)))
 
+    def get_exchange(self, name: str) -> Exchange:
+        return Exchange(self._lt, self._lt.call(self._conn.get_exchange(name)))
+
     def exchanges(self) -> list[ExchangeInfo]:
         return self._lt.call(self._conn.exchanges())
+
+    def bindings(self, exchange: str | None = None, queue: str | None = None) -> list[Binding]:
+        return self._lt.call(self._conn.bindings(exchange, queue))
 
 
 def connect(url: str = "./conveyor-data", **kw: Any) -> Connection:

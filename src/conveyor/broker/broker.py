@@ -95,25 +95,16 @@ class _Queue:
 
 
 def parse_receipt(receipt: str) -> tuple[int, int]:
+    """(message id, lease token) from a receipt; ReceiptInvalid if it is malformed."""
     try:
         mid, tok = receipt.split(".", 1)
-        return int(mid, 36), int(tok, 36)
+        return int(mid, 16), int(tok, 16)
     except (ValueError, AttributeError):
         raise errors.ReceiptInvalid(f"malformed receipt {str(receipt)[:80]!r}") from None
 
 
 def make_receipt(mid: int, token: int) -> str:
-    return f"{_b36(mid)}.{_b36(token)}"
-
-
-def _b36(n: int) -> str:
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    out = ""
-    while True:
-        n, r = divmod(n, 36)
-        out = digits[r] + out
-        if n == 0:
-            return out
+    return f"{mid:x}.{token:x}"
 
 
 class Broker:

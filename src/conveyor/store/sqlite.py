@@ -369,13 +369,22 @@ class SqliteTx(Tx):
 
     def ack(self, queue_id: int, leases: Sequence[tuple[int, int]]) -> set[int]:
         # A lease that expired but was not yet handed to anyone else may still be acked
-        # with its receipt (as SQS allows); a newer delivery has a new token.
-        found = self._current(queue_id, leases, (READY, LEASED))
+        # with its receipt (as SQS allows); a newer delivery has a new token. Receipts
+        # from one receive share a token, so this is usually a single statement.
+        by_token: dict[int, list[int]] = {}
+        for mid, tok in leases:
+            by_token.setdefault(tok, []).append(mid)
+        found: dict[int, int] = {}
+        for tok, ids in by_token.items():
+            for part in _chunks(ids):
+                for mid, state in self.c.execute(
+                    f"DELETE FROM messages WHERE id IN ({_marks(len(part))})"
+                    " AND lease_token=? AND queue_id=? AND state IN (0, 1) RETURNING id, state",
+                    (*part, tok, queue_id),
+                ):
+                    found[mid] = state
         if not found:
             return set()
-        ids = list(found)
-        for part in _chunks(ids):
-            self.c.execute(f"DELETE FROM messages WHERE id IN ({_marks(len(part))})", part)
         for state in (READY, LEASED):
             self._gauge(queue_id, state, -sum(1 for s in found.values() if s == state))
         self.count(queue_id, "acked", len(found))

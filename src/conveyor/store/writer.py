@@ -123,18 +123,28 @@ class GroupCommitWriter(Generic[TxT]):
             for job in jobs:
                 job.loop.call_soon_threadsafe(_settle, job.fut, False, failure)
             return
+        # A savepoint per script lets one failing script roll back alone; a round of one
+        # script needs none (its failure rolls back the whole transaction instead).
+        alone = len(jobs) == 1
         for job in jobs:
             snap = backend.snapshot(tx)
             try:
-                backend.savepoint()
-                value = job.script(tx)
-                backend.release()
+                if alone:
+                    value = job.script(tx)
+                else:
+                    backend.savepoint()
+                    value = job.script(tx)
+                    backend.release()
                 outcomes.append((True, value))
             except Exception as exc:
                 try:
-                    backend.rollback_savepoint()
+                    if alone:
+                        backend.rollback()
+                        tx = backend.begin()
+                    else:
+                        backend.rollback_savepoint()
                 except Exception:
-                    log.exception("rollback to savepoint failed")
+                    log.exception("rolling back a failed script failed")
                 backend.restore(tx, snap)
                 if isinstance(exc, ConveyorError):
                     outcomes.append((False, exc))

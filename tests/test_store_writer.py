@@ -1,0 +1,61 @@
+"""Group commit: many callers share one transaction; a failing script rolls back alone."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from conveyor import errors
+from conveyor.broker import Broker
+from conveyor.model import NewMessage, QueueOptions
+
+
+async def test_concurrent_sends_share_rounds_and_failures_stay_alone(tmp_path: Path) -> None:
+    broker = await Broker.open(str(tmp_path / "d"), durability="os", timers=False)
+    try:
+        await broker.declare_queue("q", QueueOptions(max_length=150))
+        ok = [NewMessage(body=b"x")]
+        too_big = [NewMessage(body=b"y" * (2 * 1024 * 1024))]
+        tasks = [broker.send_batch("q", too_big if i % 10 == 0 else ok) for i in range(200)]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        assert all(isinstance(f, errors.MessageTooLarge | errors.QueueFull) for f in failed)
+        stats = await broker.stats("q")
+        stored = sum(1 for r in results if not isinstance(r, BaseException))
+        # every confirmed send is there, nothing else; the gauge agrees with the rows
+        assert stats.ready == stored == 150
+        assert len(await broker.receive("q", 1000)) == 150
+    finally:
+        await broker.close()
+
+
+async def test_closed_store_refuses_work(tmp_path: Path) -> None:
+    broker = await Broker.open("memory://", timers=False)
+    await broker.declare_queue("q")
+    await broker.close()
+    with pytest.raises(errors.ClosedError):
+        await broker.send("q", NewMessage(body=b"x"))
+
+
+async def test_schema_version_newer_than_code_is_refused(tmp_path: Path) -> None:
+    import sqlite3
+
+    folder = tmp_path / "d"
+    broker = await Broker.open(str(folder), timers=False)
+    await broker.close()
+    conn = sqlite3.connect(folder / "conveyor.db")
+    conn.execute("UPDATE conveyor_meta SET value='999' WHERE key='schema_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(errors.SchemaTooNew, match="Upgrade conveyor"):
+        await Broker.open(str(folder), timers=False)
+
+
+async def test_corrupt_file_is_reported(tmp_path: Path) -> None:
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "conveyor.db").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(errors.StoreCorrupt, match=r"conveyor\.db"):
+        await Broker.open(str(folder), timers=False)

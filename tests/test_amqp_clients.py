@@ -5,6 +5,7 @@ with the engine API; a server-level fuzz check."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import struct
@@ -127,6 +128,68 @@ def test_prefetch_limits_unacked(srv: RunningAmqp) -> None:
     ch.basic_ack(seen[-1].delivery_tag, multiple=True)
     conn.process_data_events(0.5)
     assert len(seen) == 6
+    conn.close()
+
+
+def test_qos_update_reaches_running_consumer_only_for_kombu(srv: RunningAmqp) -> None:
+    """RabbitMQ semantics for pika: a later Basic.Qos(global=false) does not change a
+    running consumer. kombu, seeing a non-RabbitMQ server, means the spec's semantics
+    (channel-wide, applies at once) and Celery relies on that for ETA tasks."""
+    conn = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", srv.port))
+    ch = conn.channel()
+    ch.queue_declare("qos-pika")
+    for i in range(10):
+        ch.basic_publish("", "qos-pika", str(i).encode())
+    ch.basic_qos(prefetch_count=1)
+    seen: list[Any] = []
+    ch.basic_consume("qos-pika", lambda c, m, p, b: seen.append(m))
+    conn.process_data_events(0.3)
+    ch.basic_qos(prefetch_count=3)
+    conn.process_data_events(0.3)
+    assert len(seen) == 1  # as RabbitMQ 3.x: the running consumer keeps its limit
+    conn.close()
+
+    with kombu.Connection(f"pyamqp://guest:guest@127.0.0.1:{srv.port}//") as kconn:
+        queue = kombu.Queue("qos-kombu")
+        producer = kconn.Producer()
+        for i in range(10):
+            producer.publish({"i": i}, routing_key="qos-kombu", declare=[queue])
+        held: list[Any] = []
+        with kconn.Consumer(
+            queue, callbacks=[lambda body, m: held.append(m)], prefetch_count=1
+        ) as consumer:
+            with contextlib.suppress(socket.timeout):
+                for _ in range(5):
+                    kconn.drain_events(timeout=0.2)
+            assert len(held) == 1
+            consumer.qos(prefetch_count=3)  # what Celery does while it holds an ETA task
+            with contextlib.suppress(socket.timeout):
+                for _ in range(5):
+                    kconn.drain_events(timeout=0.2)
+            assert len(held) == 3
+            for m in held:
+                m.ack()
+
+
+def test_declare_ok_consumer_count(srv: RunningAmqp) -> None:
+    """Queue.DeclareOk.consumer_count: the engine's count, so AMQP consumers (whose
+    own long polls are not counted again) and other front doors' long polls."""
+    conn = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", srv.port))
+    ch = conn.channel()
+    assert ch.queue_declare("counted").method.consumer_count == 0
+    tags = [ch.basic_consume("counted", lambda *a: None) for _ in range(2)]
+    conn.process_data_events(0.2)
+    assert ch.queue_declare("counted", passive=True).method.consumer_count == 2
+
+    async def long_poll() -> Any:
+        return await srv.broker.receive("counted", 1, wait=1.0)
+
+    poll = asyncio.run_coroutine_threadsafe(long_poll(), srv.loop)
+    conn.process_data_events(0.2)
+    assert ch.queue_declare("counted", passive=True).method.consumer_count == 3
+    assert poll.result(5) == []
+    ch.basic_cancel(tags[0])
+    assert ch.queue_declare("counted", passive=True).method.consumer_count == 1
     conn.close()
 
 

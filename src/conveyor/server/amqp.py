@@ -77,8 +77,7 @@ except Exception:  # pragma: no cover - running from a source tree
 
 #: RabbitMQ's default consumer timeout; an unacked delivery is held this long.
 DEFAULT_CONSUMER_LEASE = 1800.0
-#: How long one consumer long poll waits before polling again (also bounds how long a
-#: cancelled consumer's last poll lingers; see _Consumer).
+#: How long one consumer long poll waits before polling again.
 CONSUMER_POLL = 30.0
 #: Messages leased per receive when credit is unlimited.
 MAX_RECEIVE = 250
@@ -86,6 +85,11 @@ MAX_RECEIVE = 250
 MAX_PUBLISH_BATCH = 500
 #: Unconfirmed publishes per connection before reading pauses (TCP back-pressure).
 MAX_PENDING_PUBLISHES = 20_000
+#: Unconfirmed publishes on the whole server that raise the "memory" alarm (publishing
+#: connections get Connection.Blocked); it clears below half of this.
+PUBLISH_HIGH_WATER = 100_000
+#: While the store reports StoreFull, a held publish batch is retried this often.
+STORE_FULL_RETRY = 1.0
 VHOST = "/"
 
 _ATTR_DURABLE = "amqp.durable"
@@ -344,6 +348,10 @@ class _Connection(asyncio.Protocol):
         self.peer_loopback = False
         self.pending_publishes = 0
         self.reading_paused = False
+        #: Has published (RabbitMQ blocks publishing connections only).
+        self.publisher = False
+        #: Blocked by a resource alarm: not reading, Connection.Blocked sent.
+        self.blocked = False
         self.exclusive_queues: set[str] = set()
         #: Work of closed channels that Close-Ok must wait for (requeues, publishes).
         self.cleanup_tasks: set[asyncio.Task[None]] = set()
@@ -427,6 +435,7 @@ class _Connection(asyncio.Protocol):
     def _maybe_resume_reading(self) -> None:
         if (
             self.reading_paused
+            and not self.blocked
             and self.transport is not None
             and len(self.events) < 1000
             and self.pending_publishes < MAX_PENDING_PUBLISHES // 2
@@ -443,7 +452,7 @@ class _Connection(asyncio.Protocol):
         conn = self.conn
         if conn is None or self.closed:
             return
-        if not conn.heartbeat_tick():
+        if not conn.heartbeat_tick(monitor=not self.reading_paused):
             log.info(
                 "amqp %s: missed heartbeats from client, timeout: %ss", self.name, conn.heartbeat
             )
@@ -458,6 +467,28 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
+
+    def block(self) -> None:
+        """A resource alarm is on and this connection publishes: stop reading from it
+        and tell it (Connection.Blocked, for clients with the capability)."""
+        if self.blocked or self.closed or self.conn is None or self.conn.state is not State.OPEN:
+            return
+        self.blocked = True
+        if self.conn.client_capability("connection.blocked"):
+            self.conn.send_method(0, commands.Connection.Blocked(self.server.alarm_reason()))
+            self._flush()
+        self._pause_reading()
+
+    def unblock(self) -> None:
+        if not self.blocked:
+            return
+        self.blocked = False
+        if self.closed or self.conn is None:
+            return
+        if self.conn.state is State.OPEN and self.conn.client_capability("connection.blocked"):
+            self.conn.send_method(0, commands.Connection.Unblocked())
+            self._flush()
+        self._maybe_resume_reading()
 
     def _close_transport_later(self) -> None:
         """After Connection.Close: wait briefly for Close-Ok, then hang up."""
@@ -644,6 +675,9 @@ class _Connection(asyncio.Protocol):
             )
         msg = codec.to_new_message(props, event.body)
         exchange = event.method.exchange
+        self.publisher = True
+        if self.server.alarms:
+            self.block()
         batch = ch.batch
         if batch is not None and (
             batch.exchange != exchange or len(batch.items) >= MAX_PUBLISH_BATCH
@@ -658,6 +692,7 @@ class _Connection(asyncio.Protocol):
             batch.seqs.append(ch.next_seq)
             ch.next_seq += 1
         self.pending_publishes += 1
+        self.server.publishes_added(1)
         if self.pending_publishes > MAX_PENDING_PUBLISHES:
             self._pause_reading()
 
@@ -689,7 +724,7 @@ class _Connection(asyncio.Protocol):
                         60,
                         40,
                     )
-            results = await self.broker.publish_batch(batch.exchange, batch.items)
+            results = await self._publish_held(ch, batch)
         except AmqpError as exc:
             error = exc
         except errors.ConveyorError as exc:
@@ -699,6 +734,7 @@ class _Connection(asyncio.Protocol):
             error = AmqpError(INTERNAL_ERROR, f"publish failed: {exc}", 60, 40)
         finally:
             self.pending_publishes -= len(batch.items)
+            self.server.publishes_removed(len(batch.items))
         if error is not None:
             batch.outcome = [(False, False)] * len(batch.items)
             self._settle_confirms(ch)
@@ -720,6 +756,27 @@ class _Connection(asyncio.Protocol):
         self._settle_confirms(ch)
         self._flush()
         self._maybe_resume_reading()
+
+    async def _publish_held(self, ch: _Channel, batch: _Batch) -> list[PublishResult]:
+        """publish_batch; while the store is full, raise the "disk" alarm (publishers
+        are blocked) and hold the batch, unconfirmed, retrying until it is stored."""
+        server = self.server
+        held = False
+        while True:
+            try:
+                results = await self.broker.publish_batch(batch.exchange, batch.items)
+            except errors.StoreFull as exc:
+                if ch.closed or self.closed:
+                    raise
+                if "disk" not in server.alarms:
+                    log.warning("amqp: store full (%s); blocking publishers", exc.message)
+                held = True
+                server.raise_alarm("disk")
+                await asyncio.sleep(server.store_full_retry)
+                continue
+            if held:
+                server.clear_alarm("disk")  # there is room again
+            return results
 
     def _settle_confirms(self, ch: _Channel) -> None:
         """Send Returns and confirms for finished batches, in publish order."""
@@ -875,6 +932,7 @@ class _Connection(asyncio.Protocol):
                         wait=CONSUMER_POLL,
                         visibility_timeout=None if consumer.no_ack else lease,
                         auto_ack=consumer.no_ack,
+                        consumer=True,
                     )
                 except errors.QueueNotFound:
                     self._server_cancel(consumer)
@@ -915,7 +973,7 @@ class _Connection(asyncio.Protocol):
         consumer.wake.set()
         consumer.channel.consumers.pop(consumer.tag, None)
         self.server.consumer_removed(consumer)
-        _stop_task(consumer.task)
+        _stop_task(consumer.task, consumer.no_ack)
 
     def _server_cancel(self, consumer: _Consumer) -> None:
         """The queue went away: tell the client (consumer_cancel_notify)."""
@@ -929,28 +987,30 @@ class _Connection(asyncio.Protocol):
             self._flush()
 
 
-def _stop_task(task: asyncio.Task[None] | None) -> None:
-    """Cancel a consumer's task once it is safe to.
+def _stop_task(task: asyncio.Task[None] | None, no_ack: bool) -> None:
+    """Cancel a consumer's task (its long poll would otherwise linger and take messages
+    meant for others).
 
-    ``Broker.receive`` is not cancel-safe while its lease script runs (the leased rows
-    would be lost to the caller and stay invisible for the whole lease), but it is while
-    it waits for messages. So the task is cancelled only outside ``_lease``; otherwise
-    the check repeats shortly. Without cancelling, a stopped consumer's long poll would
-    linger and take messages meant for others.
+    ``Broker.receive`` is cancel-safe: a lease taken while it is cancelled is released
+    again. An auto-ack receive (``no_ack``) deletes what it takes, so that cannot be
+    undone: such a task is not cancelled inside the lease. No task is cancelled inside
+    ``_give_back`` (which returns leased messages to the queue). Else the check repeats.
     """
     if task is None or task.done():
         return
-    if _leasing(task):
-        asyncio.get_running_loop().call_later(0.001, _stop_task, task)
+    busy = ("_give_back", "_lease_safely", "_lease") if no_ack else ("_give_back",)
+    if _running(task, busy):
+        asyncio.get_running_loop().call_later(0.001, _stop_task, task, no_ack)
     else:
         task.cancel()
 
 
-def _leasing(task: asyncio.Task[None]) -> bool:
+def _running(task: asyncio.Task[None], names: tuple[str, ...]) -> bool:
+    """Whether the task is suspended inside a coroutine function named in ``names``."""
     obj: Any = task.get_coro()
     while obj is not None:
         code = getattr(obj, "cr_code", None)
-        if code is not None and code.co_name == "_lease":
+        if code is not None and code.co_name in names:
             return True
         obj = getattr(obj, "cr_await", None)
     return False
@@ -1165,7 +1225,9 @@ def _check_exclusive(c: _Connection, name: str) -> None:
 
 async def _queue_counts(c: _Connection, name: str) -> tuple[int, int]:
     stats = await c.broker.stats(name)
-    return stats.ready, c.server.consumer_total(name)
+    # The engine's count: AMQP consumers (registered with consumer_added) plus long
+    # polls of other front doors (an SQS ReceiveMessage with WaitTimeSeconds).
+    return stats.ready, c.broker.consumer_count(name)
 
 
 @_handles(commands.Queue.Declare)
@@ -1298,13 +1360,33 @@ async def _queue_delete(c: _Connection, ch: _Channel, m: commands.Queue.Delete) 
 async def _basic_qos(c: _Connection, ch: _Channel, m: commands.Basic.Qos) -> None:
     if m.prefetch_size:
         raise AmqpError(NOT_IMPLEMENTED, f"prefetch_size!=0 ({m.prefetch_size})", 60, 10)
-    if m.global_:
+    if m.global_ or _spec_qos(c):
         ch.global_prefetch = m.prefetch_count
     else:
         ch.prefetch = m.prefetch_count
     for consumer in ch.consumers.values():
         consumer.wake.set()
     _reply(c, ch, commands.Basic.QosOk())
+
+
+def _spec_qos(c: _Connection) -> bool:
+    """Whether this client means ``global=false`` as the AMQP spec does (one limit
+    shared by the channel's consumers, changes apply at once) rather than as RabbitMQ
+    does (a limit for each consumer created afterwards).
+
+    kombu picks the flag from the server's product: for anything but RabbitMQ 3.3-3.x
+    it assumes the spec's meaning and sends ``global=false`` (Celery then raises the
+    limit while it holds ETA tasks and expects that to reach its running consumer). So
+    py-amqp clients get the spec's meaning; every other client RabbitMQ's. ``global=true``
+    from py-amqp (connection-wide in the spec) is channel-wide here too.
+    """
+    conn = c.conn
+    if conn is None:
+        return False
+    product = conn.client_properties.get("product")
+    if isinstance(product, bytes):
+        product = product.decode(errors="replace")
+    return product == "py-amqp"
 
 
 @_handles(commands.Basic.Consume)
@@ -1462,6 +1544,8 @@ class AmqpServer:
         heartbeat: int = 60,
         consumer_lease: float = DEFAULT_CONSUMER_LEASE,
         handshake_timeout: float = 10.0,
+        publish_high_water: int = PUBLISH_HIGH_WATER,
+        store_full_retry: float = STORE_FULL_RETRY,
     ) -> None:
         self.broker = broker
         self.users = dict(users) if users else {"guest": "guest"}
@@ -1471,6 +1555,12 @@ class AmqpServer:
         self.heartbeat = heartbeat
         self.consumer_lease = consumer_lease
         self.handshake_timeout = handshake_timeout
+        self.publish_high_water = publish_high_water
+        self.store_full_retry = store_full_retry
+        #: Resource alarms on ("memory", "disk"): publishing connections are blocked.
+        self.alarms: set[str] = set()
+        #: Unconfirmed publishes on all connections.
+        self.pending_publishes = 0
         self.connections: set[_Connection] = set()
         self.exclusive_owner: dict[str, _Connection] = {}
         self.exclusive_consumer: dict[str, _Consumer] = {}
@@ -1520,6 +1610,41 @@ class AmqpServer:
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
+
+    # resource alarms (RabbitMQ's memory and disk alarms -> Connection.Blocked)
+
+    def raise_alarm(self, resource: str) -> None:
+        """Block every publishing connection (and each other one at its next publish)
+        until :meth:`clear_alarm`. ``resource`` is "memory" or "disk"."""
+        if resource in self.alarms:
+            return
+        self.alarms.add(resource)
+        log.info("amqp: %s alarm set; blocking publishers", resource)
+        for c in list(self.connections):
+            if c.publisher:
+                c.block()
+
+    def clear_alarm(self, resource: str) -> None:
+        if resource not in self.alarms:
+            return
+        self.alarms.discard(resource)
+        log.info("amqp: %s alarm cleared", resource)
+        if not self.alarms:
+            for c in list(self.connections):
+                c.unblock()
+
+    def alarm_reason(self) -> str:
+        return "low on " + " & ".join(sorted(self.alarms))
+
+    def publishes_added(self, n: int) -> None:
+        self.pending_publishes += n
+        if self.pending_publishes > self.publish_high_water and "memory" not in self.alarms:
+            self.raise_alarm("memory")
+
+    def publishes_removed(self, n: int) -> None:
+        self.pending_publishes -= n
+        if "memory" in self.alarms and self.pending_publishes <= self.publish_high_water // 2:
+            self.clear_alarm("memory")
 
     def spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)

@@ -377,14 +377,19 @@ class ServerConnection:
 
     # -- heartbeats --------------------------------------------------------------------
 
-    def heartbeat_tick(self) -> bool:
+    def heartbeat_tick(self, monitor: bool = True) -> bool:
         """Call every ``heartbeat / 2`` seconds. Returns False when the peer is dead
-        (nothing received for two heartbeat intervals)."""
+        (nothing received for two heartbeat intervals). ``monitor=False`` while the
+        server is not reading from the peer (blocked or back-pressured, as RabbitMQ
+        does): heartbeats are still sent, the peer's silence is not held against it."""
         if self.heartbeat <= 0 or self.state not in (State.OPEN, State.AWAIT_OPEN):
             return True
         if not self._sent_since_tick and not self._out:
             self._out.append(codec.HEARTBEAT_FRAME)
         self._sent_since_tick = False
+        if not monitor:
+            self._silent_ticks = 0
+            return True
         self._silent_ticks += 1
         return self._silent_ticks <= 4
 

@@ -5,6 +5,7 @@
     with ServerProcess(tmp_path) as srv:
         srv.http_url      # "http://127.0.0.1:<port>"
         srv.amqp_port     # int, or None when AMQP is disabled or not built yet
+        srv.kafka_port    # int, or None when Kafka is disabled
         srv.pid
         srv.stop(signal.SIGTERM)   # returns the exit code
 
@@ -47,6 +48,7 @@ class ServerProcess:
         extra_args: Sequence[str] = (),
         *,
         amqp: bool = True,
+        kafka: bool = True,
         durability: str | None = "none",
         token: str | None = None,
         data: str | None = None,
@@ -70,6 +72,7 @@ class ServerProcess:
             "--ready-file", str(self.ready_file),
         ]  # fmt: skip
         self.args += ["--amqp-port", "0"] if amqp else ["--no-amqp"]
+        self.args += ["--kafka-port", "0"] if kafka else ["--no-kafka"]
         if durability is not None:
             self.args += ["--durability", durability]
         if token is not None:
@@ -167,6 +170,11 @@ class ServerProcess:
     @property
     def amqp_port(self) -> int | None:
         port = self.info.get("amqp_port")
+        return None if port is None else int(port)
+
+    @property
+    def kafka_port(self) -> int | None:
+        port = self.info.get("kafka_port")
         return None if port is None else int(port)
 
     @property

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from conveyor.errors import InvalidArgument
+from conveyor.errors import InvalidArgument, StoreError
 from conveyor.model import Durability
 
 
@@ -18,6 +18,8 @@ from conveyor.model import Durability
 @click.option("--http-port", type=int, help="HTTP port: native API, SQS, /metrics [9324].")
 @click.option("--amqp-port", type=int, help="AMQP 0-9-1 port; 0 picks a free one [5672].")
 @click.option("--no-amqp", is_flag=True, default=None, help="Do not start the AMQP listener.")
+@click.option("--kafka-port", type=int, help="Kafka protocol port; 0 picks a free one [9092].")
+@click.option("--no-kafka", is_flag=True, default=None, help="Do not start the Kafka listener.")
 @click.option(
     "--durability",
     type=click.Choice(["fsync", "os", "none"]),
@@ -40,6 +42,8 @@ def serve(
     http_port: int | None,
     amqp_port: int | None,
     no_amqp: bool | None,
+    kafka_port: int | None,
+    no_kafka: bool | None,
     durability: Durability | None,
     token: str | None,
     config_file: str | None,
@@ -58,6 +62,7 @@ def serve(
         "host": host,
         "http_port": http_port,
         "amqp_port": False if no_amqp else amqp_port,
+        "kafka_port": False if no_kafka else kafka_port,
         "durability": durability,
         "token": token,
         "ready_file": ready_file,
@@ -79,3 +84,5 @@ def serve(
         run(config)
     except ListenError as exc:
         raise click.ClickException(str(exc)) from None
+    except StoreError as exc:  # corrupt or unreadable data file, schema too new, disk full
+        raise click.ClickException(exc.message or str(exc)) from None

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from conveyor import errors
 from conveyor.model import (
@@ -24,6 +24,9 @@ from conveyor.model import (
     QueueStats,
     SendResult,
 )
+
+if TYPE_CHECKING:
+    from conveyor.streams.client import AsyncStream
 
 log = logging.getLogger("conveyor.client")
 
@@ -449,7 +452,17 @@ class AsyncConnection:
         await self.close()
 
     async def close(self) -> None:
+        from conveyor.streams.client import close_streams
+
+        await close_streams(self)
         await self.backend.close()
+
+    async def stream(self, name: str, partitions: int | None = None, **config: Any) -> AsyncStream:
+        """A stream (Kafka-style topic), created if missing; ``config`` takes topic
+        settings such as ``retention_ms``. Embedded connections only for now."""
+        from conveyor.streams.client import open_stream
+
+        return await open_stream(self, name, partitions, config or None)
 
     async def queue(self, name: str, **options: Any) -> AsyncQueue:
         """Create the queue (or get it). Options given must match an existing queue's."""

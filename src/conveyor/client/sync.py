@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Coroutine, Iterable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from conveyor.client.aio import (
     AsyncConnection,
@@ -22,6 +22,9 @@ from conveyor.client.aio import (
 )
 from conveyor.errors import ClosedError
 from conveyor.model import AckResult, Binding, Delivery, ExchangeInfo, QueueInfo, QueueStats
+
+if TYPE_CHECKING:
+    from conveyor.streams.client import Stream
 
 T = TypeVar("T")
 
@@ -294,6 +297,12 @@ class Connection:
 
     def exchanges(self) -> list[ExchangeInfo]:
         return self._lt.call(self._conn.exchanges())
+
+    def stream(self, name: str, partitions: int | None = None, **config: Any) -> Stream:
+        """A stream (Kafka-style topic), created if missing (see AsyncConnection.stream)."""
+        from conveyor.streams.client import Stream
+
+        return Stream(self._lt, self._lt.call(self._conn.stream(name, partitions, **config)))
 
     def bindings(self, exchange: str | None = None, queue: str | None = None) -> list[Binding]:
         return self._lt.call(self._conn.bindings(exchange, queue))

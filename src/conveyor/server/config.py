@@ -6,6 +6,7 @@ The TOML file holds the same keys as the flags, flat, with underscores::
     host = "0.0.0.0"
     http_port = 9324
     amqp_port = 5672        # 0 picks a free port; false disables AMQP
+    kafka_port = 9092       # 0 picks a free port; false disables Kafka
     durability = "fsync"
     token = "s3cret"
     shutdown_timeout = 10
@@ -38,6 +39,7 @@ DEFAULT_DATA = "conveyor-data"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_HTTP_PORT = 9324
 DEFAULT_AMQP_PORT = 5672
+DEFAULT_KAFKA_PORT = 9092
 ENV_PREFIX = "CONVEYOR_"
 
 
@@ -49,6 +51,8 @@ class ServerConfig:
     http_port: int = DEFAULT_HTTP_PORT
     #: None disables the AMQP listener; 0 binds an ephemeral port.
     amqp_port: int | None = DEFAULT_AMQP_PORT
+    #: None disables the Kafka listener; 0 binds an ephemeral port.
+    kafka_port: int | None = DEFAULT_KAFKA_PORT
     durability: Durability = "fsync"
     #: Bearer token every HTTP request must carry; required off loopback.
     token: str | None = None
@@ -127,14 +131,15 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def _from_env(key: str, raw: str) -> Any:
-    if key == "amqp_port" and raw.lower() in ("off", "false", "no", "none", "disabled"):
+    off = ("off", "false", "no", "none", "disabled")
+    if key in ("amqp_port", "kafka_port") and raw.lower() in off:
         return False
     return raw
 
 
 def _coerce(key: str, value: Any) -> Any:
     where = f"setting {key!r}"
-    if key == "amqp_port":
+    if key in ("amqp_port", "kafka_port"):
         if value is False:
             return None
         return _port(where, value)

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from aiohttp import web
 
@@ -28,6 +28,11 @@ from conveyor.server.amqp import AmqpServer
 from conveyor.server.config import ServerConfig
 from conveyor.server.http import add_test_routes, build_app
 from conveyor.server.metrics import Metrics
+from conveyor.server.streams_http import add_stream_routes, open_streams
+from conveyor.streams import StreamEngine
+
+if TYPE_CHECKING:
+    from conveyor.server.kafka import KafkaServer
 
 log = logging.getLogger("conveyor.server")
 
@@ -126,6 +131,7 @@ def write_ready_file(path: str, running: RunningServer) -> None:
         "pid": os.getpid(),
         "http_port": running.port("http"),
         "amqp_port": running.port("amqp"),
+        "kafka_port": running.port("kafka"),
         "urls": {x.name: x.url for x in running.listeners},
         "data": store_url(running.config.data),
         "durability": running.config.durability,
@@ -168,9 +174,14 @@ async def serve(
     running = RunningServer(config=config, broker=broker)
     runner: web.AppRunner | None = None
     amqp_server: AmqpServer | None = None
+    streams: StreamEngine | None = None
+    kafka_server: KafkaServer | None = None
     try:
+        streams = await open_streams(config.data, config.durability)
         metrics = Metrics()
         app = build_app(broker, config, metrics=metrics, stopping=stopping, version=ver)
+        if streams is not None:
+            add_stream_routes(app, streams)
         if clock is not None:
             add_test_routes(app, broker, clock)
         runner = web.AppRunner(
@@ -194,6 +205,17 @@ async def serve(
             amqp_server = amqp
             metrics.connection_sources["amqp"] = lambda: len(amqp.connections)
 
+        if config.kafka_port is not None and streams is not None:
+            from conveyor.server.kafka import KafkaServer
+
+            kafka = kafka_server = KafkaServer(streams)
+            kafka_sock = bind_socket(config.host, config.kafka_port, "--kafka-port (or --no-kafka)")
+            kafka_port = await kafka.start(config.host, config.kafka_port, sock=kafka_sock)
+            running.listeners.append(
+                Listener("kafka", _url("kafka", config.host, kafka_port), kafka_port)
+            )
+            metrics.connection_sources["kafka"] = lambda: len(kafka.connections)
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -208,10 +230,14 @@ async def serve(
             loop.remove_signal_handler(sig)
     finally:
         stopping.set()
+        if kafka_server is not None:
+            await kafka_server.close()  # produces being made durable finish first
         if amqp_server is not None:
             await amqp_server.close()  # unacked AMQP deliveries go back to their queues
         if runner is not None:
             await runner.cleanup()
+        if streams is not None:
+            await streams.close()
         await broker.close()
     print("conveyor stopped", file=out, flush=True)
 

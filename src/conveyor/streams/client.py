@@ -1,0 +1,369 @@
+"""The Python API for streams: ``await conn.stream("orders")`` / ``conn.stream("orders")``.
+
+Embedded connections (a directory, ``sqlite:///dir``, ``memory://``) open the stream
+engine next to the store (``<dir>/streams``) on first use and close it with the
+connection. Remote (``http://``) connections are not served yet: use the HTTP routes
+(``/v1/streams``) or a Kafka client against the server.
+
+Group consumption uses the engine's group coordinator with this client's own
+protocol type (``conveyor``, range assignment computed by the elected leader), so a
+group is either all conveyor consumers or all Kafka consumers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mapping
+from typing import Any, Protocol, TypeVar
+
+from conveyor.errors import InvalidArgument
+from conveyor.streams.engine import PartitionOffsets, StreamEngine, StreamRecord
+from conveyor.streams.errors import GroupError, OffsetOutOfRange
+from conveyor.streams.groups import NONE, REBALANCE_IN_PROGRESS
+
+T = TypeVar("T")
+Value = bytes | str
+_ATTR = "_conveyor_streams"
+
+
+def _bytes(v: Value | None) -> bytes | None:
+    if v is None or isinstance(v, bytes):
+        return v
+    return v.encode()
+
+
+async def engine_for(conn: Any) -> StreamEngine:
+    """The connection's stream engine, opened on first use."""
+    engine: StreamEngine | None = getattr(conn, _ATTR, None)
+    if engine is not None and not engine.closed:
+        return engine
+    backend = conn.backend
+    store = getattr(backend, "store", None)
+    location = getattr(store, "location", None)
+    if store is None or location is None:
+        raise InvalidArgument(
+            "streams are available on embedded connections (a directory, sqlite:// or "
+            "memory://); for a server use its /v1/streams HTTP API or a Kafka client"
+        )
+    durability = getattr(store, "durability", "fsync")
+    if location == "memory":
+        engine = await StreamEngine.open(None)
+    else:
+        engine = await StreamEngine.open(f"{location}/streams", durability)
+    setattr(conn, _ATTR, engine)
+    return engine
+
+
+async def close_streams(conn: Any) -> None:
+    engine: StreamEngine | None = getattr(conn, _ATTR, None)
+    if engine is not None:
+        await engine.close()
+
+
+async def open_stream(
+    conn: Any, name: str, partitions: int | None = None, config: dict[str, Any] | None = None
+) -> AsyncStream:
+    engine = await engine_for(conn)
+    await engine.create_topic(name, partitions, config, exist_ok=True)
+    return AsyncStream(engine, name)
+
+
+class AsyncStream:
+    def __init__(self, engine: StreamEngine, name: str) -> None:
+        self.engine = engine
+        self.name = name
+        self._rr = 0
+
+    def __repr__(self) -> str:
+        return f"<AsyncStream {self.name!r}>"
+
+    @property
+    def partitions(self) -> int:
+        return self.engine.get_topic(self.name).partitions
+
+    async def produce(
+        self,
+        value: Value | None,
+        *,
+        key: Value | None = None,
+        headers: Mapping[str, Value] | Iterable[tuple[str, Value]] | None = None,
+        partition: int | None = None,
+        timestamp: int | None = None,
+    ) -> tuple[int, int]:
+        """Append one record; returns (partition, offset) once it is durable."""
+        return (
+            await self.produce_batch(
+                [
+                    {
+                        "value": value,
+                        "key": key,
+                        "headers": headers,
+                        "partition": partition,
+                        "timestamp": timestamp,
+                    }
+                ]
+            )
+        )[0]
+
+    async def produce_batch(self, items: Iterable[Mapping[str, Any]]) -> list[tuple[int, int]]:
+        """Append records given as dicts with ``value`` and optional ``key``, ``headers``,
+        ``partition``, ``timestamp`` (ms). Keys pick partitions as Kafka's default
+        partitioner does (murmur2), so Kafka clients agree."""
+        from conveyor.streams.records import partition_for
+
+        n = self.partitions
+        by_part: dict[int, list[tuple[int, Any]]] = {}
+        count = 0
+        for i, item in enumerate(items):
+            key = _bytes(item.get("key"))
+            part = item.get("partition")
+            if part is None:
+                part = partition_for(key, n, self._rr)
+                self._rr += 1
+            hdrs = item.get("headers") or ()
+            pairs = hdrs.items() if isinstance(hdrs, Mapping) else hdrs
+            headers = [(str(k), _bytes(v) or b"") for k, v in pairs]
+            by_part.setdefault(int(part), []).append(
+                (i, (key, _bytes(item.get("value")), headers, item.get("timestamp")))
+            )
+            count += 1
+        out: list[tuple[int, int]] = [(0, 0)] * count
+        for part, recs in by_part.items():
+            first = await self.engine.produce(self.name, [r for _, r in recs], part)
+            for j, (i, _) in enumerate(recs):
+                out[i] = (part, first + j)
+        return out
+
+    async def read(
+        self,
+        offset: int = 0,
+        *,
+        partition: int = 0,
+        max_records: int = 100,
+        wait: float = 0.0,
+    ) -> list[StreamRecord]:
+        """Records from ``offset`` on; waits up to ``wait`` seconds for the first one."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            data = self.engine.read(self.name, partition, offset, 1 << 20)
+            recs = self.engine.decode(self.name, partition, data, offset)
+            if recs or data:  # data without records: control batches only
+                return recs[:max_records]
+            left = deadline - loop.time()
+            if left <= 0:
+                return []
+            await self.engine.wait([(self.name, partition)], left)
+
+    async def offsets(self, partition: int = 0) -> PartitionOffsets:
+        return self.engine.offsets(self.name, partition)
+
+    async def offset_for_time(self, timestamp_ms: int, partition: int = 0) -> int | None:
+        found = self.engine.offset_for_time(self.name, partition, timestamp_ms)
+        return None if found is None else found[0]
+
+    def consumer(
+        self, group: str, *, from_start: bool = True, session_timeout: float = 10.0
+    ) -> AsyncStreamConsumer:
+        return AsyncStreamConsumer(self, group, from_start, session_timeout)
+
+    async def delete(self) -> None:
+        await self.engine.delete_topic(self.name)
+
+
+class AsyncStreamConsumer:
+    """A member of a consumer group: gets some partitions, reads them from the group's
+    committed offsets, ``commit()`` stores its positions. Use as an async context
+    manager (joins on enter, leaves on exit) or iterate it."""
+
+    def __init__(
+        self, stream: AsyncStream, group: str, from_start: bool, session_timeout: float
+    ) -> None:
+        self.stream = stream
+        self.group = group
+        self.from_start = from_start
+        self.session_timeout = session_timeout
+        self.member_id = ""
+        self.generation = -1
+        self.assignment: list[int] = []
+        self.positions: dict[int, int] = {}
+        self._next = 0
+
+    @property
+    def _groups(self) -> Any:
+        return self.stream.engine.groups
+
+    async def __aenter__(self) -> AsyncStreamConsumer:
+        await self.join()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def join(self) -> None:
+        while True:
+            res = await self._groups.join(
+                self.group,
+                self.member_id,
+                protocol_type="conveyor",
+                protocols=[("range", self.stream.name.encode())],
+                session_timeout_ms=int(self.session_timeout * 1000),
+                client_id="conveyor-python",
+            )
+            if res.error != NONE:
+                if res.error == REBALANCE_IN_PROGRESS:
+                    continue
+                self.member_id = ""
+                raise GroupError(res.error, f"joining group {self.group!r} failed")
+            self.member_id = res.member_id
+            self.generation = res.generation
+            assignments: dict[str, bytes] = {}
+            if res.members:
+                ids = sorted(m for m, _, _ in res.members)
+                n = self.stream.partitions
+                for i, mid in enumerate(ids):
+                    assignments[mid] = json.dumps(list(range(i, n, len(ids)))).encode()
+            code, data = await self._groups.sync(
+                self.group, self.generation, self.member_id, assignments
+            )
+            if code == REBALANCE_IN_PROGRESS:
+                continue
+            if code != NONE:
+                raise GroupError(code, f"syncing group {self.group!r} failed")
+            self.assignment = json.loads(data) if data else []
+            self.positions = {}
+            for p in self.assignment:
+                got = self.stream.engine.committed(self.group, self.stream.name, p)
+                if got is not None:
+                    self.positions[p] = got[0]
+                else:
+                    off = self.stream.engine.offsets(self.stream.name, p)
+                    self.positions[p] = off.log_start if self.from_start else off.high_watermark
+            return
+
+    async def _check(self) -> None:
+        code = self._groups.heartbeat(self.group, self.generation, self.member_id)
+        if code != NONE:
+            await self.join()
+
+    async def poll(self, max_records: int = 100, wait: float = 1.0) -> list[StreamRecord]:
+        """Records from the assigned partitions (round robin), waiting up to ``wait``."""
+        if not self.member_id:
+            await self.join()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            await self._check()
+            parts = list(self.assignment)
+            for k in range(len(parts)):
+                p = parts[(self._next + k) % len(parts)]
+                pos = self.positions[p]
+                try:
+                    recs = await self.stream.read(pos, partition=p, max_records=max_records)
+                except OffsetOutOfRange:
+                    self.positions[p] = self.stream.engine.offsets(self.stream.name, p).log_start
+                    continue
+                if recs:
+                    self._next = (self._next + k + 1) % len(parts)
+                    self.positions[p] = recs[-1].offset + 1
+                    return recs
+            left = deadline - loop.time()
+            if left <= 0:
+                return []
+            keys = [(self.stream.name, p) for p in parts]
+            await self.stream.engine.wait(keys, min(left, 1.0))
+
+    async def commit(self) -> None:
+        code = self._groups.check_commit(self.group, self.generation, self.member_id)
+        if code != NONE:
+            raise GroupError(code, "commit refused: the group rebalanced; poll again")
+        await self.stream.engine.commit(
+            self.group, {(self.stream.name, p): (o, None) for p, o in self.positions.items()}
+        )
+
+    async def close(self) -> None:
+        if self.member_id:
+            self._groups.leave(self.group, [self.member_id])
+            self.member_id = ""
+
+    def __aiter__(self) -> AsyncIterator[StreamRecord]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[StreamRecord]:
+        while True:
+            for r in await self.poll():
+                yield r
+
+
+class _Runner(Protocol):
+    def call(self, coro: Coroutine[Any, Any, T]) -> T: ...
+
+
+class Stream:
+    """Blocking wrapper of AsyncStream (``conveyor.connect(...).stream(name)``)."""
+
+    def __init__(self, lt: _Runner, s: AsyncStream) -> None:
+        self._lt = lt
+        self._s = s
+        self.name = s.name
+
+    def __repr__(self) -> str:
+        return f"<Stream {self.name!r}>"
+
+    @property
+    def partitions(self) -> int:
+        return self._s.partitions
+
+    def produce(self, value: Value | None, **kw: Any) -> tuple[int, int]:
+        return self._lt.call(self._s.produce(value, **kw))
+
+    def produce_batch(self, items: Iterable[Mapping[str, Any]]) -> list[tuple[int, int]]:
+        return self._lt.call(self._s.produce_batch(items))
+
+    def read(self, offset: int = 0, **kw: Any) -> list[StreamRecord]:
+        return self._lt.call(self._s.read(offset, **kw))
+
+    def offsets(self, partition: int = 0) -> PartitionOffsets:
+        return self._lt.call(self._s.offsets(partition))
+
+    def offset_for_time(self, timestamp_ms: int, partition: int = 0) -> int | None:
+        return self._lt.call(self._s.offset_for_time(timestamp_ms, partition))
+
+    def consumer(self, group: str, **kw: Any) -> StreamConsumer:
+        return StreamConsumer(self._lt, self._s.consumer(group, **kw))
+
+    def delete(self) -> None:
+        self._lt.call(self._s.delete())
+
+
+class StreamConsumer:
+    def __init__(self, lt: _Runner, c: AsyncStreamConsumer) -> None:
+        self._lt = lt
+        self._c = c
+
+    @property
+    def assignment(self) -> list[int]:
+        return self._c.assignment
+
+    def __enter__(self) -> StreamConsumer:
+        self._lt.call(self._c.join())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def poll(self, max_records: int = 100, wait: float = 1.0) -> list[StreamRecord]:
+        return self._lt.call(self._c.poll(max_records, wait))
+
+    def commit(self) -> None:
+        self._lt.call(self._c.commit())
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._lt.call(self._c.close())
+
+    def __iter__(self) -> Iterator[StreamRecord]:
+        while True:
+            yield from self.poll()

@@ -222,6 +222,10 @@ def _engine_error(exc: errors.ConveyorError) -> SqsError:
         return SqsError(E.INVALID_CLIENT_TOKEN_ID, exc.message)
     if isinstance(exc, errors.ClosedError):
         return SqsError(E.SERVICE_UNAVAILABLE, "The service is shutting down.")
+    if isinstance(exc, errors.StoreFull):
+        return SqsError(
+            E.SERVICE_UNAVAILABLE, "The broker's storage is full; the message was not stored."
+        )
     return SqsError(E.INTERNAL_ERROR, "We encountered an internal error. Please try again.")
 
 

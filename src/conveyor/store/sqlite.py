@@ -645,7 +645,8 @@ def _connect(path: str, durability: Durability) -> sqlite3.Connection:
         if isinstance(err, StoreCorrupt):
             raise StoreCorrupt(
                 f"{path} is not a readable conveyor database ({exc}). Move it aside and"
-                " restore from a backup, or run `sqlite3 {path} .recover` to salvage it."
+                f" restore from a backup, or salvage it with `sqlite3 {path} .recover`"
+                " (see docs/reliability.md)."
             ) from exc
         raise err from exc
     except BaseException:

@@ -84,7 +84,8 @@ def decode_json(data: bytes, type: type[T]) -> T:
         return msgspec.json.decode(data, type=type)
     except msgspec.ValidationError as exc:
         raise errors.InvalidArgument(f"invalid request: {exc}") from None
-    except msgspec.DecodeError as exc:
+    # msgspec raises UnicodeDecodeError, not DecodeError, for bad UTF-8 in a string.
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise errors.InvalidArgument(f"malformed JSON: {exc}") from None
 
 

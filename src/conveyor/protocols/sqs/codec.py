@@ -114,7 +114,8 @@ def parse_json_request(op: str, body: bytes) -> Shape:
         return msgspec.json.decode(body or b"{}", type=request_type)
     except msgspec.ValidationError as exc:
         raise _validation_error(exc) from None
-    except msgspec.DecodeError as exc:
+    # msgspec raises UnicodeDecodeError, not DecodeError, for bad UTF-8 in a string.
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise SqsError(E.MALFORMED_REQUEST, f"The request body is not valid JSON: {exc}") from None
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,15 @@ import pytest
 from conveyor.broker import Broker, FakeClock
 
 #: "remote" runs the suite through the HTTP client against a real `conveyor serve`.
-BACKENDS = ["memory", "sqlite", "remote"]
+#: "postgres" runs it on a fresh PostgreSQL database (see PG_ADMIN_URL).
+BACKENDS = ["memory", "sqlite", "remote", "postgres"]
+
+#: The PostgreSQL server the tests use (CI starts one); each test session creates and
+#: drops its own database there.
+PG_ADMIN_URL = os.environ.get(
+    "CONVEYOR_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+PG_TABLES = "queues, queue_counts, messages, fifo_turns, dedup, exchanges, bindings"
 
 
 class Env:
@@ -44,7 +54,11 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E
             await remote.aclose()
         return
     clock = FakeClock()
-    url = "memory://" if kind == "memory" else str(tmp_path / "data")
+    if kind == "postgres":
+        url = request.getfixturevalue("pg_url")
+        pg_truncate(url)
+    else:
+        url = "memory://" if kind == "memory" else str(tmp_path / "data")
     broker = await Broker.open(url, clock=clock, timers=False, durability="os")
 
     async def advance(seconds: float) -> None:
@@ -55,3 +69,45 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E
         yield Env(broker, advance)
     finally:
         await broker.close()
+
+
+def _pg_admin() -> Any:
+    try:
+        import psycopg
+    except ImportError as exc:  # pragma: no cover - psycopg is a test dependency
+        pytest.skip(f"psycopg is not installed: {exc}")
+    try:
+        return psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL is unreachable at {PG_ADMIN_URL}: {str(exc).strip()}")
+
+
+def pg_url_for(dbname: str) -> str:
+    """A URL for database ``dbname`` on the test server."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(PG_ADMIN_URL)
+    return urlunsplit(parts._replace(path=f"/{dbname}"))
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, dropped afterwards."""
+    admin = _pg_admin()
+    name = f"conveyor_test_{os.getpid()}_{secrets.token_hex(3)}"
+    admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield pg_url_for(name)
+    finally:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
+def pg_truncate(url: str) -> None:
+    """Empty every conveyor table (the schema stays)."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        exists = conn.execute("SELECT to_regclass('conveyor_meta')").fetchone()
+        if exists and exists[0] is not None:
+            conn.execute(f"TRUNCATE {PG_TABLES} RESTART IDENTITY")

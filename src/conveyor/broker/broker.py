@@ -131,6 +131,9 @@ class Broker:
         self._next_due: float | None = None
         self._deleted_callbacks: list[Callable[[str], None]] = []
         self._lock = asyncio.Lock()  # serializes declare/delete of queues and exchanges
+        self._sync_task: asyncio.Task[None] | None = None  # catalog reload (shared stores)
+        self._sync_again = False
+        self._catalog_version = -1  # the store's catalog version the cache reflects
 
     # -- lifecycle ------------------------------------------------------------------------
     @classmethod
@@ -173,6 +176,7 @@ class Broker:
             infos = [self._exchanges[n] for n in missing]
             await self.store.run(lambda tx: [tx.save_exchange(i.name, _encode(i)) for i in infos])
         self._rebuild_routing()
+        self._watch_store()
         if self._timers_enabled:
             self._timer_wake = asyncio.Event()
             self._timer_task = asyncio.get_running_loop().create_task(
@@ -189,6 +193,10 @@ class Broker:
             self._timer_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._timer_task
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sync_task
         await self.store.close()
 
     @property
@@ -201,6 +209,104 @@ class Broker:
 
     def on_queue_deleted(self, callback: Callable[[str], None]) -> None:
         self._deleted_callbacks.append(callback)
+
+    # -- other nodes (stores shared by several processes, e.g. PostgreSQL) ------------------
+    def _watch_store(self) -> None:
+        """Let the store tell us, from its listener thread, about messages other nodes
+        made ready and about catalog changes (queues, exchanges, bindings)."""
+        if not self.store.shared:
+            return
+        loop = asyncio.get_running_loop()
+
+        def ready(qid: int | None, n: int) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                loop.call_soon_threadsafe(self._remote_ready, qid, n)
+
+        def catalog() -> None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._remote_catalog)
+
+        self.store.set_ready_callback(ready)
+        self.store.set_catalog_callback(catalog)
+
+    def _remote_ready(self, qid: int | None, n: int) -> None:
+        if self._closed:
+            return
+        if qid is None:  # notifications may have been missed: everyone looks again
+            for q in self._queues.values():
+                q.waiters.notify_all()
+            return
+        target = self._by_id.get(qid)
+        if target is not None:
+            target.waiters.notify(n)
+
+    def _remote_catalog(self) -> None:
+        if self._closed:
+            return
+        if self._sync_task is not None and not self._sync_task.done():
+            self._sync_again = True
+            return
+        self._sync_task = asyncio.get_running_loop().create_task(
+            self._sync_loop(), name="conveyor-catalog-sync"
+        )
+
+    async def _sync_loop(self) -> None:
+        while not self._closed:
+            self._sync_again = False
+            try:
+                await self._sync_catalog()
+            except errors.ClosedError:
+                return
+            except Exception:
+                log.exception("reloading queues and exchanges failed")
+            if not self._sync_again:
+                return
+
+    async def _sync_catalog(self) -> None:
+        """Make the cached queues, exchanges and bindings match the store."""
+
+        def load(tx: Tx) -> tuple[int, list[Any], list[tuple[str, bytes]], list[bytes]]:
+            return tx.catalog_version(), tx.list_queues(), tx.load_exchanges(), tx.load_bindings()
+
+        async with self._lock:
+            version, queues, exchanges, bindings = await self.store.run(load)
+            self._catalog_version = version
+            seen: set[str] = set()
+            gone: list[_Queue] = []
+            for row in queues:
+                seen.add(row.name)
+                opts = _decode_options(row.options)
+                q = self._queues.get(row.name)
+                if q is not None and q.id != row.id:  # deleted and created again
+                    gone.append(q)
+                    self._by_id.pop(q.id, None)
+                    q = None
+                if q is None:
+                    self._add_queue(row.id, row.name, opts, row.created_at)
+                elif q.options != opts:
+                    q.options = opts
+                    q.ref = QueueRef(q.id, q.name, opts)
+                    q.waiters.notify_all()
+            for name in [n for n in self._queues if n not in seen]:
+                q = self._queues.pop(name)
+                self._by_id.pop(q.id, None)
+                gone.append(q)
+            self._exchanges = {name: _decode_exchange(blob) for name, blob in exchanges}
+            self._bindings = {b.key(): b for b in map(_decode_binding, bindings)}
+            self._rebuild_routing()
+        for q in gone:
+            q.waiters.notify_all()
+            for cb in list(self._deleted_callbacks):
+                try:
+                    cb(q.name)
+                except Exception:
+                    log.exception("queue-deleted callback failed")
+
+    async def _catalog_miss(self, exchange: str) -> None:
+        """An exchange is not cached: on a shared store another node may have just
+        declared it, so reload before calling it missing."""
+        if self.store.shared and exchange and exchange not in self._exchanges:
+            await self._sync_catalog()
 
     # -- queue registry ---------------------------------------------------------------------
     def _add_queue(self, qid: int, name: str, options: QueueOptions, created: float) -> _Queue:
@@ -496,6 +602,7 @@ class Broker:
         if name == DEFAULT_EXCHANGE:
             return ExchangeInfo(name="", type="direct")
         check_name(name, "exchange")
+        await self._catalog_miss(name)
         existing = self._exchanges.get(name)
         if passive:
             if existing is None:
@@ -539,6 +646,7 @@ class Broker:
         self._check_open()
         if name == DEFAULT_EXCHANGE:
             raise errors.InvalidArgument("the default exchange cannot be deleted")
+        await self._catalog_miss(name)
         if name not in self._exchanges:
             raise errors.ExchangeNotFound(f"exchange {name!r} does not exist")
         doomed = [
@@ -597,6 +705,7 @@ class Broker:
         routing_key: str = "",
         arguments: dict[str, Any] | None = None,
     ) -> None:
+        await self._catalog_miss(destination)
         self._exchange(destination)
         await self._bind(
             Binding(
@@ -618,6 +727,7 @@ class Broker:
         return info
 
     async def _bind(self, b: Binding) -> None:
+        await self._catalog_miss(b.source)
         self._exchange(b.source)
         if not isinstance(b.routing_key, str) or len(b.routing_key) > 255:
             raise errors.InvalidArgument("routing key must be a string of at most 255 characters")
@@ -669,6 +779,7 @@ class Broker:
         )
 
     async def _unbind(self, b: Binding) -> None:
+        await self._catalog_miss(b.source)
         self._exchange(b.source)
         key = b.key()
         if key not in self._bindings:
@@ -705,7 +816,20 @@ class Broker:
         self, exchange: str, items: Sequence[tuple[NewMessage, str]]
     ) -> list[PublishResult]:
         """Publish several messages through one exchange in one transaction."""
+        for _ in range(4):
+            try:
+                return await self._publish_batch(exchange, items)
+            except _StaleCatalog:
+                # Another node changed exchanges, bindings or queues since this one
+                # cached them: route again with the current ones.
+                await self._sync_catalog()
+        return await self._publish_batch(exchange, items, check=False)
+
+    async def _publish_batch(
+        self, exchange: str, items: Sequence[tuple[NewMessage, str]], check: bool = True
+    ) -> list[PublishResult]:
         self._check_open()
+        await self._catalog_miss(exchange)
         if exchange != DEFAULT_EXCHANGE and exchange not in self._exchanges:
             raise errors.ExchangeNotFound(f"exchange {exchange!r} does not exist")
         if len(items) > MAX_BATCH:
@@ -729,8 +853,11 @@ class Broker:
                 all_rows.append(row)
             plan.append(per)
         lookup, routing = self._lookup, self._routing
+        version = self._catalog_version if check and self.store.shared else None
 
         def script(tx: Tx) -> tuple[list[PublishResult], dict[str, int]]:
+            if version is not None and tx.catalog_version() != version:
+                raise _StaleCatalog("the routing table changed on another node")
             woken: dict[str, int] = {}
             out: list[PublishResult] = []
             for per in plan:
@@ -1044,6 +1171,10 @@ class Broker:
                     self._timer_wake.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._timer_wake.wait(), rest + 0.001)
+
+
+class _StaleCatalog(errors.ConveyorError):
+    """A publish planned with a routing table older than the store's (shared stores)."""
 
 
 def _insert(

@@ -24,7 +24,7 @@ def open_store(url: str, *, durability: str = "fsync") -> Store:
         return SqliteStore(None, "none")
     if url.startswith(("postgresql:", "postgres:")):
         try:
-            from conveyor.store.postgres import PostgresStore  # type: ignore[import-not-found]
+            from conveyor.store.postgres import PostgresStore
         except ImportError as exc:
             raise InvalidArgument(f"the PostgreSQL store is not available: {exc}") from exc
         store: Store = PostgresStore(url, dur)

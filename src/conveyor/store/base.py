@@ -223,6 +223,12 @@ class Tx(abc.ABC):
         """Add to one of the queue's totals: sent, received, acked, nacked, expired, dead."""
 
     # -- exchanges and bindings -------------------------------------------------------
+    def catalog_version(self) -> int:
+        """A number that changes whenever queues, exchanges or bindings change. Only
+        stores shared by several processes need it (the broker checks it before
+        routing with a cached table); others may return 0."""
+        return 0
+
     @abc.abstractmethod
     def load_exchanges(self) -> list[tuple[str, bytes]]: ...
 
@@ -247,6 +253,22 @@ class Store(abc.ABC):
 
     durability: Durability
     location: str
+    #: True when other processes write the same data (PostgreSQL): the broker then
+    #: treats its in-memory catalog as a cache that their changes invalidate.
+    shared: bool = False
+
+    def set_ready_callback(  # noqa: B027 - optional: a no-op unless the store is shared
+        self, callback: Callable[[int | None, int], None] | None
+    ) -> None:
+        """Have ``callback(queue_id, n)`` called, from any thread, when another process
+        made n messages of that queue ready (``queue_id`` None: any queue may have ready
+        messages). A store that no other process writes never calls it."""
+
+    def set_catalog_callback(  # noqa: B027 - optional: a no-op unless the store is shared
+        self, callback: Callable[[], None] | None
+    ) -> None:
+        """Have ``callback()`` called, from any thread, after queues, exchanges or
+        bindings changed in the store (by any process, this one included)."""
 
     @abc.abstractmethod
     async def run(self, script: Callable[[Tx], T]) -> T:

@@ -216,3 +216,32 @@ def test_token_closes_sqs_without_access_keys(tmp_path: Path) -> None:
             content=b"{}",
         )
         assert r.status_code == 401
+
+
+async def test_taken_default_port_skips_the_listener_but_a_chosen_one_is_an_error() -> None:
+    from conveyor.broker import Broker
+    from conveyor.server.config import load_config
+    from conveyor.server.serve import ListenError, RunningServer, bind_listener
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    broker = await Broker.open("memory://", timers=False)
+    try:
+        defaulted = RunningServer(config=load_config({}, env={}), broker=broker)
+        assert bind_listener(defaulted, "amqp_port", port, "--amqp-port") is None
+        assert "amqp not started" in defaulted.notes[0]
+        chosen = RunningServer(config=load_config({"amqp_port": port}, env={}), broker=broker)
+        with pytest.raises(ListenError, match="--amqp-port"):
+            bind_listener(chosen, "amqp_port", port, "--amqp-port")
+    finally:
+        taken.close()
+        await broker.close()
+
+
+def test_banner_hides_a_password_in_the_store_url() -> None:
+    from conveyor.server.serve import store_url
+
+    shown = store_url("postgresql://app:s3cret@db.internal:5432/conveyor")
+    assert "s3cret" not in shown and shown.startswith("postgresql://app:***@db.internal:5432")

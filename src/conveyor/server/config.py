@@ -75,6 +75,10 @@ class ServerConfig:
     test_clock: bool = False
     #: The file the settings came from, if any (for the banner).
     config_file: str | None = None
+    #: Settings given explicitly (flag, environment or file) rather than defaulted. A
+    #: listener on a *default* port that is taken is skipped with a note; on a port the
+    #: user chose, it is an error.
+    explicit: frozenset[str] = frozenset()
 
     def is_loopback(self) -> bool:
         return is_loopback(self.host)
@@ -87,7 +91,7 @@ _STR_KEYS = {
     "sqs_region",
 }  # fmt: skip
 _TABLE_KEYS = {"users", "sqs_access_keys"}
-_KEYS = {f.name for f in dataclasses.fields(ServerConfig)} - {"config_file"}
+_KEYS = {f.name for f in dataclasses.fields(ServerConfig)} - {"config_file", "explicit"}
 
 
 def load_config(
@@ -114,7 +118,8 @@ def load_config(
     unknown = set(merged) - _KEYS
     if unknown:
         raise InvalidArgument(f"unknown setting(s): {', '.join(sorted(unknown))}")
-    values = {k: _coerce(k, v) for k, v in merged.items()}
+    values: dict[str, Any] = {k: _coerce(k, v) for k, v in merged.items()}
+    values["explicit"] = frozenset(merged)
     if path:
         values["config_file"] = str(path)
     return ServerConfig(**values)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
+from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 
@@ -53,6 +54,8 @@ class RunningServer:
     config: ServerConfig
     broker: Broker
     listeners: list[Listener] = field(default_factory=list)
+    #: One-line remarks for the banner (e.g. a listener skipped because its port is taken).
+    notes: list[str] = field(default_factory=list)
 
     def port(self, name: str) -> int | None:
         return next((x.port for x in self.listeners if x.name == name), None)
@@ -68,8 +71,34 @@ def version() -> str:
 
 
 def store_url(data: str) -> str:
-    """``--data`` takes a directory or a store URL."""
-    return data if "://" in data else str(Path(data))
+    """``--data`` takes a directory or a store URL; a password in a URL is not shown."""
+    if "://" not in data:
+        return str(Path(data))
+    parts = urlsplit(data)
+    if parts.password is None:
+        return data
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def bind_listener(
+    running: RunningServer, setting: str, port: int, flag: str
+) -> socket.socket | None:
+    """Bind a protocol listener's socket. A port the user chose must be free (else
+    ListenError naming ``flag``); a default port that is taken -- RabbitMQ or Kafka
+    already on this machine, say -- skips the listener with a note instead, so a plain
+    `conveyor serve` starts anywhere."""
+    try:
+        return bind_socket(running.config.host, port, flag)
+    except ListenError as exc:
+        if setting in running.config.explicit or "already in use" not in str(exc):
+            raise
+        name = setting.removesuffix("_port")
+        running.notes.append(f"{name} not started: {exc}")
+        log.warning("%s listener not started: %s", name, exc)
+        return None
 
 
 def bind_socket(host: str, port: int, flag: str) -> socket.socket:
@@ -122,6 +151,7 @@ def banner(running: RunningServer, ver: str) -> str:
         lines.append(f"  {x.name:<11} {x.url}")
         if x.name == "http":
             lines.append(f"  {'sqs':<11} {x.url} (Amazon SQS API on the HTTP port)")
+    lines.extend(f"  note        {n}" for n in running.notes)
     return "\n".join(lines)
 
 
@@ -195,9 +225,13 @@ async def serve(
         server = runner.server
         metrics.connection_sources["http"] = lambda: len(server.connections) if server else 0
 
-        if config.amqp_port is not None:
+        amqp_sock = (
+            bind_listener(running, "amqp_port", config.amqp_port, "--amqp-port (or --no-amqp)")
+            if config.amqp_port is not None
+            else None
+        )
+        if config.amqp_port is not None and amqp_sock is not None:
             amqp = AmqpServer(broker, users=dict(config.users) or None)
-            amqp_sock = bind_socket(config.host, config.amqp_port, "--amqp-port (or --no-amqp)")
             amqp_port = await amqp.start(config.host, config.amqp_port, sock=amqp_sock)
             running.listeners.append(
                 Listener("amqp", _url("amqp", config.host, amqp_port), amqp_port)
@@ -205,11 +239,15 @@ async def serve(
             amqp_server = amqp
             metrics.connection_sources["amqp"] = lambda: len(amqp.connections)
 
-        if config.kafka_port is not None and streams is not None:
+        kafka_sock = (
+            bind_listener(running, "kafka_port", config.kafka_port, "--kafka-port (or --no-kafka)")
+            if config.kafka_port is not None and streams is not None
+            else None
+        )
+        if config.kafka_port is not None and streams is not None and kafka_sock is not None:
             from conveyor.server.kafka import KafkaServer
 
             kafka = kafka_server = KafkaServer(streams)
-            kafka_sock = bind_socket(config.host, config.kafka_port, "--kafka-port (or --no-kafka)")
             kafka_port = await kafka.start(config.host, config.kafka_port, sock=kafka_sock)
             running.listeners.append(
                 Listener("kafka", _url("kafka", config.host, kafka_port), kafka_port)

@@ -542,7 +542,9 @@ class SqliteTx(Tx):
         row = self.c.execute(
             "SELECT (SELECT min(visible_at) FROM messages WHERE state=2),"
             " (SELECT min(visible_at) FROM messages WHERE state=1),"
-            " (SELECT min(expires_at) FROM messages WHERE expires_at IS NOT NULL)"
+            # Leased messages do not expire mid-lease (the sweep skips them), so their TTL
+            # is not a due time; counting it would spin the timer until the lease ends.
+            " (SELECT min(expires_at) FROM messages WHERE expires_at IS NOT NULL AND state<>1)"
         ).fetchone()
         times = [t for t in row if t is not None]
         return min(times) if times else None

@@ -59,3 +59,23 @@ async def test_corrupt_file_is_reported(tmp_path: Path) -> None:
     (folder / "conveyor.db").write_bytes(b"this is not a database" * 100)
     with pytest.raises(errors.StoreCorrupt, match=r"conveyor\.db"):
         await Broker.open(str(folder), timers=False)
+
+
+async def test_session_leases_come_back_at_restart_timed_leases_do_not(tmp_path: Path) -> None:
+    folder = str(tmp_path / "d")
+    broker = await Broker.open(folder, timers=False)
+    await broker.declare_queue("q", QueueOptions(visibility_timeout=600))
+    await broker.send_batch("q", [NewMessage(body=b"amqp"), NewMessage(body=b"sqs")])
+    (held,) = await broker.receive("q", 1, visibility_timeout=1800, session=True)
+    (timed,) = await broker.receive("q", 1)
+    assert (held.body, timed.body) == (b"amqp", b"sqs")
+    await broker.close()  # as after a crash: nobody acked or released anything
+
+    broker = await Broker.open(folder, timers=False)
+    try:
+        (back,) = await broker.receive("q", 10)
+        assert back.body == b"amqp" and back.receive_count == 2
+        stats = await broker.stats("q")
+        assert (stats.ready, stats.in_flight) == (0, 2)
+    finally:
+        await broker.close()

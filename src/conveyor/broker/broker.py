@@ -45,6 +45,8 @@ from conveyor.store.base import DELAYED, READY, MessageRow, NewRow, QueueRow, St
 log = logging.getLogger("conveyor.broker")
 
 DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
+#: Lease tokens with this bit set belong to a connection (AMQP), not to a client's timer.
+SESSION_TOKEN = 1 << 60
 MAX_BATCH = 10_000
 MAX_WAIT = 3600.0
 MAX_DELAY = 10 * 365 * 86400.0
@@ -176,6 +178,13 @@ class Broker:
             infos = [self._exchanges[n] for n in missing]
             await self.store.run(lambda tx: [tx.save_exchange(i.name, _encode(i)) for i in infos])
         self._rebuild_routing()
+        if not self.store.shared:
+            # This process is the store's only user, so no connection that held a
+            # session lease survives: give those messages back now, as RabbitMQ
+            # requeues unacked deliveries at restart, rather than after 30 minutes.
+            released = await self.store.run(lambda tx: tx.release_session_leases(SESSION_TOKEN))
+            if released:
+                log.info("returned %d messages leased by connections before a restart", released)
         self._watch_store()
         if self._timers_enabled:
             self._timer_wake = asyncio.Event()
@@ -889,13 +898,16 @@ class Broker:
         visibility_timeout: float | None = None,
         auto_ack: bool = False,
         consumer: bool = False,
+        session: bool = False,
     ) -> list[Delivery]:
         """Lease up to ``max_messages``; with ``wait``, long-poll until one is ready.
 
         Cancel-safe: if the caller is cancelled while a lease is being taken, the leased
         messages are released again (their receive count taken back). ``consumer``: the
         caller is a registered push consumer (``consumer_added``), so this poll is not
-        counted again in consumer_count.
+        counted again in consumer_count. ``session``: the lease belongs to a connection
+        (AMQP), not to a timeout the client counts on; after a crash and restart of a
+        single-node store such leases are released at once instead of at lease end.
         """
         q = await self._q(queue)
         n = _count("max_messages", max_messages)
@@ -910,7 +922,7 @@ class Broker:
             while True:
                 fut = q.waiters.register() if wait_s > 0 else None
                 try:
-                    got = await self._lease_safely(q, n, vis, auto_ack)
+                    got = await self._lease_safely(q, n, vis, auto_ack, session)
                     if got or fut is None:
                         return got
                     remaining = deadline - loop.time()
@@ -932,9 +944,9 @@ class Broker:
                 q.polling -= 1
 
     async def _lease_safely(
-        self, q: _Queue, n: int, vis: float | None, auto_ack: bool
+        self, q: _Queue, n: int, vis: float | None, auto_ack: bool, session: bool = False
     ) -> list[Delivery]:
-        task = asyncio.ensure_future(self._lease(q, n, vis, auto_ack))
+        task = asyncio.ensure_future(self._lease(q, n, vis, auto_ack, session))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -949,12 +961,14 @@ class Broker:
                     q.waiters.notify(len(receipts))
             raise
 
-    async def _lease(self, q: _Queue, n: int, vis: float | None, auto_ack: bool) -> list[Delivery]:
+    async def _lease(
+        self, q: _Queue, n: int, vis: float | None, auto_ack: bool, session: bool = False
+    ) -> list[Delivery]:
         now = self.clock.now()
         q.last_used = now
         timeout = q.options.visibility_timeout if vis is None else vis
         until = now + timeout
-        token = random.getrandbits(60)
+        token = random.getrandbits(60) | (SESSION_TOKEN if session else 0)
         ref, lookup, routing = q.ref, self._lookup, self._routing
         rows, woken = await self.store.run(
             lambda tx: scripts.lease(tx, ref, n, now, until, token, auto_ack, lookup, routing)

@@ -933,6 +933,7 @@ class _Connection(asyncio.Protocol):
                         visibility_timeout=None if consumer.no_ack else lease,
                         auto_ack=consumer.no_ack,
                         consumer=True,
+                        session=True,
                     )
                 except errors.QueueNotFound:
                     self._server_cancel(consumer)
@@ -1439,6 +1440,7 @@ async def _basic_get(c: _Connection, ch: _Channel, m: commands.Basic.Get) -> Non
             1,
             visibility_timeout=None if m.no_ack else c.server.consumer_lease,
             auto_ack=bool(m.no_ack),
+            session=True,
         )
         stats = await c.broker.stats(queue)
     except (errors.QueueNotFound, errors.InvalidName):

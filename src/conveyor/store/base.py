@@ -223,6 +223,12 @@ class Tx(abc.ABC):
         """Add to one of the queue's totals: sent, received, acked, nacked, expired, dead."""
 
     # -- exchanges and bindings -------------------------------------------------------
+    def release_session_leases(self, min_token: int) -> int:
+        """Return to READY every leased message whose lease token is at least
+        ``min_token`` (leases held by connections); only called by the store's sole
+        user at start-up, so shared stores need not implement it."""
+        raise NotImplementedError
+
     def catalog_version(self) -> int:
         """A number that changes whenever queues, exchanges or bindings change. Only
         stores shared by several processes need it (the broker checks it before

@@ -530,6 +530,15 @@ class SqliteTx(Tx):
             LEASED,
         )
 
+    def release_session_leases(self, min_token: int) -> int:
+        per = self._promote(
+            "UPDATE messages SET state=0, visible_at=NULL, lease_token=NULL"
+            " WHERE state=1 AND lease_token>=? RETURNING queue_id",
+            min_token,
+            LEASED,
+        )
+        return sum(per.values())
+
     def expired_ids(self, now: float, limit: int) -> list[tuple[int, int]]:
         rows = self.c.execute(
             "SELECT queue_id, id FROM messages WHERE expires_at IS NOT NULL AND expires_at<=?"

@@ -79,3 +79,16 @@ async def test_session_leases_come_back_at_restart_timed_leases_do_not(tmp_path:
         assert (stats.ready, stats.in_flight) == (0, 2)
     finally:
         await broker.close()
+
+
+async def test_max_queues_limit() -> None:
+    broker = await Broker.open("memory://", timers=False, max_queues=2)
+    try:
+        await broker.declare_queue("a")
+        await broker.declare_queue("b")
+        await broker.declare_queue("a")  # existing: no new queue
+        with pytest.raises(errors.LimitExceeded, match="at most 2 queues"):
+            await broker.declare_queue("c")
+        assert [q.name for q in await broker.list_queues()] == ["a", "b"]
+    finally:
+        await broker.close()

@@ -12,6 +12,7 @@
     │   ├── ExchangeExists
     │   └── ReceiptInvalid         ack/nack/extend with a receipt that is not the current lease
     ├── QueueFull                  max_length with overflow=reject-new
+    ├── LimitExceeded              a configured server limit (queues, connections, ...)
     ├── Unroutable                 (only raised where the caller asked for it, e.g. mandatory)
     ├── Unauthorized               wrong or missing credentials
     ├── StoreError                 the store failed (disk full, corrupt file, schema too new)
@@ -83,6 +84,10 @@ class QueueFull(ConveyorError):
     code = "queue_full"
 
 
+class LimitExceeded(ConveyorError):
+    code = "limit_exceeded"
+
+
 class Unroutable(ConveyorError):
     code = "unroutable"
 
@@ -132,6 +137,7 @@ BY_CODE: dict[str, type[ConveyorError]] = {
         ExchangeExists,
         ReceiptInvalid,
         QueueFull,
+        LimitExceeded,
         Unroutable,
         Unauthorized,
         StoreError,

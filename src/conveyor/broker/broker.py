@@ -117,8 +117,11 @@ class Broker:
         clock: Clock | None = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         timers: bool = True,
+        max_queues: int | None = None,
     ) -> None:
         self.store = store
+        #: Creating more queues than this raises LimitExceeded (None: no limit).
+        self.max_queues = max_queues
         self.clock: Clock = clock or SystemClock()
         self.max_message_size = max_message_size
         self._queues: dict[str, _Queue] = {}
@@ -147,11 +150,18 @@ class Broker:
         clock: Clock | None = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         timers: bool = True,
+        max_queues: int | None = None,
     ) -> Broker:
         from conveyor.store import open_store
 
         store = open_store(url, durability=durability)
-        broker = cls(store, clock=clock, max_message_size=max_message_size, timers=timers)
+        broker = cls(
+            store,
+            clock=clock,
+            max_message_size=max_message_size,
+            timers=timers,
+            max_queues=max_queues,
+        )
         try:
             await broker.start()
         except BaseException:
@@ -378,8 +388,17 @@ class Broker:
             now = self.clock.now()
             blob = _encode(opts)
             dlq_missing = opts.dead_letter is not None and opts.dead_letter not in self._queues
+            limit = self.max_queues
+
+            def check_limit(tx: Tx) -> None:
+                # Counted in the store, so several nodes over one database share the limit.
+                if limit is not None and len(tx.list_queues()) + 1 + dlq_missing > limit:
+                    raise errors.LimitExceeded(
+                        f"cannot create queue {name!r}: the server allows at most {limit} queues"
+                    )
 
             def create(tx: Tx) -> tuple[QueueRow, QueueRow | None]:
+                check_limit(tx)
                 dlq: QueueRow | None = None
                 if dlq_missing and opts.dead_letter is not None:
                     dlq = tx.queue_by_name(opts.dead_letter) or tx.create_queue(

@@ -344,7 +344,7 @@ class Broker:
         if q is None:
             check_name(name)
             # Another node (or process) may have created it: look in the store.
-            row = await self.store.run(lambda tx: tx.queue_by_name(name))
+            row = await self.store.run(lambda tx: tx.queue_by_name(name), relaxed=True)
             if row is None:
                 raise errors.QueueNotFound(f"queue {name!r} does not exist")
             q = self._queues.get(name) or self._add_queue(
@@ -419,7 +419,7 @@ class Broker:
 
     async def list_queues(self, prefix: str = "") -> list[QueueInfo]:
         self._check_open()
-        rows = await self.store.run(lambda tx: tx.list_queues())
+        rows = await self.store.run(lambda tx: tx.list_queues(), relaxed=True)
         for row in rows:
             if row.name not in self._queues:
                 self._add_queue(row.id, row.name, _decode_options(row.options), row.created_at)
@@ -484,7 +484,7 @@ class Broker:
     async def peek(self, name: str, max_messages: int = 10) -> list[Delivery]:
         q = await self._q(name)
         n = _count("max_messages", max_messages)
-        rows = await self.store.run(lambda tx: tx.peek(q.id, n))
+        rows = await self.store.run(lambda tx: tx.peek(q.id, n), relaxed=True)
         return [_delivery(q.name, r, None) for r in rows]
 
     async def stats(self, name: str) -> QueueStats:
@@ -493,7 +493,7 @@ class Broker:
         def read(tx: Tx) -> tuple[Any, float | None]:
             return tx.counters(q.id), tx.oldest_sent_at(q.id)
 
-        c, oldest = await self.store.run(read)
+        c, oldest = await self.store.run(read, relaxed=True)
         now = self.clock.now()
         return QueueStats(
             ready=c.ready,
@@ -976,7 +976,9 @@ class Broker:
                 receipts = [d.receipt for d in got if d.receipt is not None]
                 if receipts and not self._closed:
                     leases = [parse_receipt(r) for r in receipts]
-                    await self.store.run(lambda tx: tx.release(q.id, leases, None, undo=True))
+                    await self.store.run(
+                        lambda tx: tx.release(q.id, leases, None, undo=True), relaxed=True
+                    )
                     q.waiters.notify(len(receipts))
             raise
 
@@ -989,8 +991,11 @@ class Broker:
         until = now + timeout
         token = random.getrandbits(60) | (SESSION_TOKEN if session else 0)
         ref, lookup, routing = q.ref, self._lookup, self._routing
+        # A lease lost to a power cut only means a redelivery, so it need not wait for
+        # the disk; an auto-ack delivery deletes the message and must.
         rows, woken = await self.store.run(
-            lambda tx: scripts.lease(tx, ref, n, now, until, token, auto_ack, lookup, routing)
+            lambda tx: scripts.lease(tx, ref, n, now, until, token, auto_ack, lookup, routing),
+            relaxed=not auto_ack,
         )
         for name, k in woken.items():
             wq = self._queues.get(name)
@@ -1050,7 +1055,7 @@ class Broker:
                 woken[ref.name] = len(done)
             return done, woken
 
-        done, woken = await self.store.run(script) if leases else (set(), {})
+        done, woken = await self.store.run(script, relaxed=True) if leases else (set(), {})
         for name, k in woken.items():
             wq = self._queues.get(name)
             if wq is not None:
@@ -1072,11 +1077,11 @@ class Broker:
         until = self.clock.now() + t
         if t == 0:
             # Extending to zero makes the message visible at once (SQS semantics).
-            done = await self.store.run(lambda tx: tx.release(q.id, leases, None))
+            done = await self.store.run(lambda tx: tx.release(q.id, leases, None), relaxed=True)
             if done:
                 q.waiters.notify(len(done))
         else:
-            done = await self.store.run(lambda tx: tx.extend(q.id, leases, until))
+            done = await self.store.run(lambda tx: tx.extend(q.id, leases, until), relaxed=True)
             self._schedule(until)
         return _ack_result(receipts, leases, bad, done)
 
@@ -1156,7 +1161,7 @@ class Broker:
             tx.forget_dedup(now)
             return ready, woken, tx.next_due()
 
-        ready, woken, next_due = await self.store.run(script)
+        ready, woken, next_due = await self.store.run(script, relaxed=True)
         for qid, k in ready.items():
             q = self._by_id.get(qid)
             if q is not None:

@@ -277,8 +277,13 @@ class Store(abc.ABC):
         bindings changed in the store (by any process, this one included)."""
 
     @abc.abstractmethod
-    async def run(self, script: Callable[[Tx], T]) -> T:
-        """Run ``script`` in the next group transaction; return after it commits."""
+    async def run(self, script: Callable[[Tx], T], *, relaxed: bool = False) -> T:
+        """Run ``script`` in the next group transaction; return after it commits.
+
+        ``relaxed``: losing this script's effect on power loss is harmless (a lease, a
+        nack, a timer round: the worst case is a redelivery), so a round made only of
+        relaxed scripts need not wait for the disk. Any later durable commit makes it
+        durable too, since the log is written in order."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...

@@ -893,6 +893,9 @@ class _PgBackend:
         return pre
 
     # -- the writer's protocol ----------------------------------------------------------
+    def prepare(self, relaxed: bool) -> None:
+        """Every round commits at the store's configured level (see docs/postgres.md)."""
+
     def begin(self) -> PgTx:
         self.poisoned = None
         if self.conn.closed or self.conn.broken:
@@ -1264,7 +1267,7 @@ class PostgresStore(Store):
         if callback is not None and not listener._thread.is_alive() and not listener._stopped:
             listener.start()
 
-    async def run(self, script: Callable[[Tx], T]) -> T:
+    async def run(self, script: Callable[[Tx], T], *, relaxed: bool = False) -> T:
         # The writer with the least work queued takes it: both group-commit, so under
         # load each round still carries many scripts.
         pending = self._pending

@@ -16,9 +16,12 @@ import threading
 from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
 
-from conveyor.errors import ClosedError, ConveyorError, StoreError
+from conveyor.errors import ClosedError, ConveyorError, StoreError, StoreFull
+from conveyor.logutil import Throttle
 
 log = logging.getLogger("conveyor.store")
+#: A full disk fails every commit: one WARNING line a second, not a traceback each.
+_full_log = Throttle()
 
 TxT = TypeVar("TxT")
 T = TypeVar("T")
@@ -29,6 +32,12 @@ MAX_ROUND = 2000
 
 class Backend(Protocol[TxT]):
     """What the writer needs from a database dialect."""
+
+    def prepare(self, relaxed: bool) -> None:
+        """Called before each round: ``relaxed`` when every script in it may lose its
+        effect on power loss (see Store.run); the backend may then commit without
+        waiting for the disk."""
+        ...
 
     def begin(self) -> TxT: ...
     def savepoint(self) -> None: ...
@@ -43,17 +52,19 @@ class Backend(Protocol[TxT]):
 
 
 class _Job(Generic[TxT]):
-    __slots__ = ("fut", "loop", "script")
+    __slots__ = ("fut", "loop", "relaxed", "script")
 
     def __init__(
         self,
         script: Callable[[TxT], Any],
         loop: asyncio.AbstractEventLoop,
         fut: asyncio.Future[Any],
+        relaxed: bool = False,
     ) -> None:
         self.script = script
         self.loop = loop
         self.fut = fut
+        self.relaxed = relaxed
 
 
 def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
@@ -73,12 +84,12 @@ class GroupCommitWriter(Generic[TxT]):
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
 
-    async def run(self, script: Callable[[TxT], T]) -> T:
+    async def run(self, script: Callable[[TxT], T], relaxed: bool = False) -> T:
         if self._closed:
             raise ClosedError("the store is closed")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Job(script, loop, fut))
+        self._queue.put(_Job(script, loop, fut, relaxed))
         return await fut
 
     def close(self) -> None:
@@ -117,6 +128,7 @@ class GroupCommitWriter(Generic[TxT]):
         backend = self._backend
         outcomes: list[tuple[bool, Any]] = []
         try:
+            backend.prepare(all(job.relaxed for job in jobs))
             tx = backend.begin()
         except Exception as exc:
             failure = backend.translate(exc)
@@ -149,17 +161,24 @@ class GroupCommitWriter(Generic[TxT]):
                 if isinstance(exc, ConveyorError):
                     outcomes.append((False, exc))
                 else:
-                    log.exception("store script failed")
-                    outcomes.append((False, backend.translate(exc)))
+                    failure = backend.translate(exc)
+                    if isinstance(failure, StoreFull):
+                        _full_log.log(log, logging.WARNING, "script", "write refused: %s", failure)
+                    else:
+                        log.exception("store script failed")
+                    outcomes.append((False, failure))
         try:
             backend.commit(tx)
         except Exception as exc:
-            log.exception("commit failed")
+            err: ConveyorError = backend.translate(exc)
+            if isinstance(err, StoreFull):
+                _full_log.log(log, logging.WARNING, "commit", "commit refused: %s", err)
+            else:
+                log.exception("commit failed")
             try:
                 backend.rollback()
             except Exception:
                 log.exception("rollback failed")
-            err: ConveyorError = backend.translate(exc)
             if not isinstance(err, StoreError):
                 err = StoreError(str(exc))
             outcomes = [(False, err)] * len(jobs)

@@ -31,6 +31,7 @@ from conveyor.cli.common import (
     target_options,
 )
 from conveyor.cli.serve import serve
+from conveyor.cli.worker import worker
 from conveyor.model import QueueOptions, QueueStats
 
 BATCH = 100
@@ -43,6 +44,7 @@ def cli() -> None:
 
 
 cli.add_command(serve)
+cli.add_command(worker)
 
 
 def _progress(total: int, what: str) -> Progress:

@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import os
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,16 +36,22 @@ BODY = b"x" * 100
 RESULTS = Path(__file__).parent / "results"
 
 
-async def conveyor_throughput(folder: str, total: int) -> float:
+async def conveyor_throughput(folder: str, total: int, lanes: int = 1) -> float:
+    """``lanes`` producer/consumer pairs run at once; with more than one, group commit
+    shares each fsync between them (what a server with several clients does)."""
     broker = await Broker.open(folder, durability="fsync", timers=False)
     try:
         await broker.declare_queue("bench")
         batch = [NewMessage(body=BODY) for _ in range(100)]
+
+        async def lane(rounds: int) -> None:
+            for _ in range(rounds):
+                await broker.send_batch("bench", batch)
+                got = await broker.receive("bench", 100)
+                await broker.ack_batch("bench", [d.receipt for d in got if d.receipt])
+
         start = time.perf_counter()
-        for _ in range(total // 100):
-            await broker.send_batch("bench", batch)
-            got = await broker.receive("bench", 100)
-            await broker.ack_batch("bench", [d.receipt for d in got if d.receipt])
+        await asyncio.gather(*(lane(total // 100 // lanes) for _ in range(lanes)))
         return total / (time.perf_counter() - start)
     finally:
         await broker.close()
@@ -142,24 +149,44 @@ def main() -> None:
     ap.add_argument("--backlog", type=int, default=1_000_000)
     ap.add_argument("--drain", type=int, default=20_000)
     ap.add_argument("--rss-count", type=int, default=1_000_000)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
 
     rows: list[tuple[str, str, str, str]] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        floor = raw_floor(tmp, args.messages)
-        ours = asyncio.run(conveyor_throughput(os.path.join(tmp, "c"), args.messages))
-        rows.append(
-            (
-                "send 100 + receive 100 + ack 100, fsync",
-                f"{ours:,.0f} msg/s",
-                f"{floor:,.0f} msg/s (raw sqlite3)",
-                f"{ours / floor:.0%} (target >= 50%)",
+    # fsync latency on a shared machine swings between runs: interleave the two sides
+    # over several rounds and compare medians.
+    floors, ours, piped = [], [], []
+    for i in range(args.rounds):
+        with tempfile.TemporaryDirectory() as tmp:
+            floors.append(raw_floor(tmp, args.messages))
+            ours.append(asyncio.run(conveyor_throughput(os.path.join(tmp, f"c{i}"), args.messages)))
+            piped.append(
+                asyncio.run(conveyor_throughput(os.path.join(tmp, f"p{i}"), args.messages, 4))
             )
+    floor, one, four = (statistics.median(x) for x in (floors, ours, piped))
+    rows.append(
+        (
+            "send 100 + receive 100 + ack 100, fsync, one caller at a time",
+            f"{one:,.0f} msg/s",
+            f"{floor:,.0f} msg/s (raw sqlite3)",
+            f"{one / floor:.0%} (target >= 50%)",
         )
-        print(rows[-1], flush=True)
+    )
+    rows.append(
+        (
+            "the same with 4 callers at once (group commit)",
+            f"{four:,.0f} msg/s",
+            f"{floor:,.0f} msg/s (raw sqlite3)",
+            f"{four / floor:.0%}",
+        )
+    )
+    print(rows[-2], rows[-1], flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        empty = asyncio.run(drain_rate(os.path.join(tmp, "a"), 0, args.drain))
+        # Drain the empty-queue case before and after the loaded one: median of the two.
+        empty1 = asyncio.run(drain_rate(os.path.join(tmp, "a"), 0, args.drain))
         loaded = asyncio.run(drain_rate(os.path.join(tmp, "b"), args.backlog, args.drain))
+        empty2 = asyncio.run(drain_rate(os.path.join(tmp, "c"), 0, args.drain))
+        empty = (empty1 + empty2) / 2
         rows.append(
             (
                 f"receive+ack with {args.backlog:,} ready + {args.backlog:,} delayed",
@@ -186,6 +213,7 @@ def main() -> None:
         "# Engine benchmark (in-process, 100-byte bodies unless noted)",
         "",
         f"Command: `python benchmarks/bench_engine.py --messages {args.messages}"
+        f" --rounds {args.rounds}"
         f" --backlog {args.backlog} --drain {args.drain} --rss-count {args.rss_count}`",
         "",
         "| measurement | conveyor | reference | ratio |",

@@ -92,3 +92,31 @@ async def test_max_queues_limit() -> None:
         assert [q.name for q in await broker.list_queues()] == ["a", "b"]
     finally:
         await broker.close()
+
+
+def test_processes_opening_and_declaring_at_once(tmp_path: Path) -> None:
+    """Several processes on one new directory: no 'database is locked', no duplicate
+    queue, no raw sqlite error."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, conveyor\n"
+        "mq = conveyor.connect(sys.argv[1])\n"
+        "mq.queue('shared', visibility_timeout=7)\n"
+        "mq.queue('shared').send(b'x')\n"
+        "mq.close()\n"
+    )
+    folder = str(tmp_path / "d")
+    procs = [subprocess.Popen([sys.executable, "-c", code, folder]) for _ in range(5)]
+    assert [p.wait(60) for p in procs] == [0] * 5
+
+    async def check() -> None:
+        broker = await Broker.open(folder, timers=False)
+        try:
+            assert [q.name for q in await broker.list_queues()] == ["shared"]
+            assert (await broker.stats("shared")).ready == 5
+        finally:
+            await broker.close()
+
+    asyncio.run(check())

@@ -397,20 +397,35 @@ class Broker:
                         f"cannot create queue {name!r}: the server allows at most {limit} queues"
                     )
 
-            def create(tx: Tx) -> tuple[QueueRow, QueueRow | None]:
+            def create(tx: Tx) -> tuple[QueueRow, QueueRow | None, bool]:
+                # Another process sharing the store may have created it since we
+                # looked: then this is a redeclare, not a second queue.
+                raced = tx.queue_by_name(name)
+                if raced is not None:
+                    return raced, None, True
                 check_limit(tx)
                 dlq: QueueRow | None = None
                 if dlq_missing and opts.dead_letter is not None:
                     dlq = tx.queue_by_name(opts.dead_letter) or tx.create_queue(
                         opts.dead_letter, _encode(QueueOptions()), now
                     )
-                return tx.create_queue(name, blob, now), dlq
+                return tx.create_queue(name, blob, now), dlq, False
 
-            created, dlq_row = await self.store.run(create)
+            created, dlq_row, raced = await self.store.run(create)
             if dlq_row is not None and dlq_row.name not in self._queues:
                 self._add_queue(
                     dlq_row.id, dlq_row.name, _decode_options(dlq_row.options), dlq_row.created_at
                 )
+            if raced:
+                other = self._queues.get(name) or self._add_queue(
+                    created.id, name, _decode_options(created.options), created.created_at
+                )
+                if options is not None and options != other.options:
+                    raise errors.QueueExists(
+                        f"queue {name!r} exists with different options"
+                        f" ({_diff(other.options, options)})"
+                    )
+                return other.info()
             q = self._add_queue(created.id, name, opts, now)
             return q.info()
 
@@ -531,7 +546,8 @@ class Broker:
         body = msg.body
         if not isinstance(body, bytes):
             raise errors.InvalidArgument(f"body must be bytes, got {type(body).__name__}")
-        limit = q.options.max_message_size or self.max_message_size
+        # The server's limit is a ceiling; a queue may only lower it.
+        limit = min(q.options.max_message_size or self.max_message_size, self.max_message_size)
         if len(body) > limit:
             raise errors.MessageTooLarge(
                 f"message body is {len(body)} bytes; the limit for queue {q.name!r} is {limit}"

@@ -29,6 +29,12 @@ from conveyor.model import Durability
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file.")
 @click.option("--ready-file", type=click.Path(dir_okay=False), help="Write ports as JSON here.")
 @click.option("--max-request-size", type=int, help="Largest HTTP request body, bytes [64 MiB].")
+@click.option("--max-message-size", type=int, help="Largest message body, bytes [1 MiB].")
+@click.option(
+    "--max-connections", type=int, help="Open HTTP connections served; 0: no limit [10000]."
+)
+@click.option("--max-queues", type=int, help="Queues the broker holds; 0: no limit [0].")
+@click.option("--max-messages-per-receive", type=int, help="Largest native receive or peek [1000].")
 @click.option("--shutdown-timeout", type=float, help="Seconds to finish requests on exit [10].")
 @click.option(
     "--log-level",
@@ -49,6 +55,10 @@ def serve(
     config_file: str | None,
     ready_file: str | None,
     max_request_size: int | None,
+    max_message_size: int | None,
+    max_connections: int | None,
+    max_queues: int | None,
+    max_messages_per_receive: int | None,
     shutdown_timeout: float | None,
     log_level: str | None,
     test_clock: bool | None,
@@ -67,6 +77,10 @@ def serve(
         "token": token,
         "ready_file": ready_file,
         "max_request_size": max_request_size,
+        "max_message_size": max_message_size,
+        "max_connections": max_connections,
+        "max_queues": max_queues,
+        "max_messages_per_receive": max_messages_per_receive,
         "shutdown_timeout": shutdown_timeout,
         "log_level": log_level,
         "test_clock": test_clock,

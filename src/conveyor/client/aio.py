@@ -27,6 +27,7 @@ from conveyor.model import (
 
 if TYPE_CHECKING:
     from conveyor.streams.client import AsyncStream
+    from conveyor.streams.remote import RemoteStream
 
 log = logging.getLogger("conveyor.client")
 
@@ -394,6 +395,7 @@ def _options(base: QueueOptions | None, changes: Mapping[str, Any]) -> QueueOpti
 
 class AsyncExchange:
     def __init__(self, conn: AsyncConnection, name: str, type: str) -> None:
+        self._conn = conn
         self._b = conn.backend
         self.name = name
         self.type = type
@@ -437,6 +439,24 @@ class AsyncExchange:
     async def bindings(self) -> list[Binding]:
         return await self._b.list_bindings(exchange=self.name)
 
+    async def bind_stream(
+        self, stream: Any, routing_key: str = "", arguments: dict[str, Any] | None = None
+    ) -> None:
+        """Append every message this exchange routes with this binding to ``stream`` (a
+        stream or its name), at least once (see conveyor.streams.bridges)."""
+        from conveyor.streams.client import bridges_for
+
+        name = stream if isinstance(stream, str) else stream.name
+        await (await bridges_for(self._conn)).bind(self.name, name, routing_key, arguments)
+
+    async def unbind_stream(
+        self, stream: Any, routing_key: str = "", arguments: dict[str, Any] | None = None
+    ) -> None:
+        from conveyor.streams.client import bridges_for
+
+        name = stream if isinstance(stream, str) else stream.name
+        await (await bridges_for(self._conn)).unbind(self.name, name, routing_key, arguments)
+
     async def delete(self) -> None:
         await self._b.delete_exchange(self.name)
 
@@ -457,9 +477,12 @@ class AsyncConnection:
         await close_streams(self)
         await self.backend.close()
 
-    async def stream(self, name: str, partitions: int | None = None, **config: Any) -> AsyncStream:
+    async def stream(
+        self, name: str, partitions: int | None = None, **config: Any
+    ) -> AsyncStream | RemoteStream:
         """A stream (Kafka-style topic), created if missing; ``config`` takes topic
-        settings such as ``retention_ms``. Embedded connections only for now."""
+        settings such as ``retention_ms``. On ``http://`` connections the same methods
+        go over the server's HTTP API."""
         from conveyor.streams.client import open_stream
 
         return await open_stream(self, name, partitions, config or None)

@@ -240,6 +240,17 @@ class Exchange:
     def bindings(self) -> list[Binding]:
         return self._lt.call(self._x.bindings())
 
+    def bind_stream(
+        self, stream: Any, routing_key: str = "", arguments: dict[str, Any] | None = None
+    ) -> None:
+        """See AsyncExchange.bind_stream: what this binding routes is appended to ``stream``."""
+        self._lt.call(self._x.bind_stream(stream, routing_key, arguments))
+
+    def unbind_stream(
+        self, stream: Any, routing_key: str = "", arguments: dict[str, Any] | None = None
+    ) -> None:
+        self._lt.call(self._x.unbind_stream(stream, routing_key, arguments))
+
     def delete(self) -> None:
         self._lt.call(self._x.delete())
 

@@ -17,6 +17,9 @@ are the engine's; this module only translates.
 * AMQP-only queue facts (durable, exclusive, auto-delete, the declared arguments)
   live in ``QueueOptions.attributes`` under ``amqp.*`` keys, so a redeclare is
   compared the way RabbitMQ compares it.
+* Virtual hosts are this adapter's business (the engine has one namespace): see
+  :class:`Vhost`. Every name a client sends is mapped to the engine's name at the
+  handler's entry, and every name sent back is mapped back.
 """
 
 from __future__ import annotations
@@ -25,20 +28,30 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import re
 import secrets
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import msgspec
+import msgspec.structs
 from pamqp import commands
 from pamqp.base import Frame
 
 from conveyor import errors
 from conveyor.broker import Broker
-from conveyor.model import Delivery, NewMessage, PublishResult, QueueInfo, QueueOptions
+from conveyor.broker.broker import STANDARD_EXCHANGES
+from conveyor.model import (
+    Death,
+    Delivery,
+    NewMessage,
+    PublishResult,
+    QueueInfo,
+    QueueOptions,
+)
 from conveyor.protocols.amqp import codec
 from conveyor.protocols.amqp.connection import (
     ChannelClosed,
@@ -101,38 +114,143 @@ _json_encode = msgspec.json.Encoder().encode
 _json_decode = msgspec.json.decode
 
 
-def _q_missing(name: str) -> AmqpError:
-    return AmqpError(NOT_FOUND, f"no queue '{name}' in vhost '{VHOST}'")
+# -- virtual hosts ----------------------------------------------------------------------
+
+#: Vhost names other than "/": what the engine's names allow, minus "@" (the separator).
+VHOST_NAME_RE = re.compile(r"^[A-Za-z0-9_\-.:]{1,64}$")
+#: In a vhost other than "/", the default exchange is a direct exchange of this name
+#: (prefixed) to which every queue of the vhost is bound by its name.
+DEFAULT_ALIAS = "amq.default"
 
 
-def _x_missing(name: str) -> AmqpError:
-    return AmqpError(NOT_FOUND, f"no exchange '{name}' in vhost '{VHOST}'")
+def check_vhost_name(name: str) -> str:
+    """``name`` if it can be a vhost, else ValueError (the message says why)."""
+    if name == "/" or VHOST_NAME_RE.match(name):
+        return name
+    raise ValueError(
+        f"vhost name {name!r} must be '/' or 1 to 64 characters of letters, digits and _ - . :"
+    )
 
 
-def _locked(name: str) -> AmqpError:
+class Vhost:
+    """One virtual host: how its AMQP names map to the engine's names.
+
+    ``/`` maps every name to itself, so what AMQP clients see on ``/`` is what the
+    native API and SQS see. Any other vhost ``v`` prefixes its queue and exchange names
+    with ``@v@`` (vhost names have no "@", so the prefix ends at the second "@"). On
+    ``/``, AMQP names starting with "@" are refused or invisible, so no ``/`` client
+    can reach another vhost's objects. Each vhost has its own ``amq.*`` exchanges, and
+    its default exchange is the direct exchange ``@v@amq.default`` with every queue of
+    the vhost bound to it by its name: publishes to "" and dead letters routed through
+    "" (with their original routing keys) stay inside the vhost.
+    """
+
+    __slots__ = ("default", "name", "prefix", "root")
+
+    def __init__(self, name: str) -> None:
+        self.name = check_vhost_name(name)
+        self.root = name == "/"
+        self.prefix = "" if self.root else f"@{name}@"
+        #: The engine exchange that is this vhost's default exchange ("" on "/").
+        self.default = "" if self.root else self.prefix + DEFAULT_ALIAS
+
+    def hidden(self, name: str) -> bool:
+        """Whether an AMQP queue name is outside what this vhost may name."""
+        return self.root and name.startswith("@")
+
+    def hidden_exchange(self, name: str) -> bool:
+        return (self.root and name.startswith("@")) or name == DEFAULT_ALIAS
+
+    def queue(self, name: str) -> str:
+        """The engine's name of AMQP queue ``name`` (check :meth:`hidden` first)."""
+        return self.prefix + name if self.prefix else name
+
+    def exchange(self, name: str) -> str:
+        if not self.prefix:
+            return name
+        return self.default if name == "" else self.prefix + name
+
+    def local(self, internal: str) -> str:
+        """The AMQP name of engine queue or exchange ``internal``."""
+        if self.prefix and internal.startswith(self.prefix):
+            return internal[len(self.prefix) :]
+        return internal
+
+    def local_exchange(self, internal: str) -> str:
+        return "" if internal == self.default else self.local(internal)
+
+    def text(self, message: str) -> str:
+        """An engine error message with this vhost's prefix taken out of its names."""
+        return message.replace(self.prefix, "") if self.prefix else message
+
+    def delivered(self, d: Delivery) -> Delivery:
+        """``d`` with the names a client sees (exchange, routing key, x-death)."""
+        if not self.prefix:
+            return d
+
+        def key(exchange: str, k: str) -> str:
+            # A routing key through the engine's own default exchange is a queue name
+            # (native sends, requeued auto-ack deliveries).
+            return self.local(k) if exchange == "" else k
+
+        deaths = [
+            Death(
+                reason=x.reason,
+                queue=self.local(x.queue),
+                time=x.time,
+                count=x.count,
+                exchange=self.local_exchange(x.exchange),
+                routing_keys=[key(x.exchange, k) for k in x.routing_keys],
+            )
+            for x in d.deaths
+        ]
+        return msgspec.structs.replace(
+            d,
+            exchange=self.local_exchange(d.exchange),
+            routing_key=key(d.exchange, d.routing_key),
+            deaths=deaths,
+        )
+
+
+ROOT = Vhost("/")
+
+
+def _q_missing(name: str, vhost: str = VHOST) -> AmqpError:
+    return AmqpError(NOT_FOUND, f"no queue '{name}' in vhost '{vhost}'")
+
+
+def _x_missing(name: str, vhost: str = VHOST) -> AmqpError:
+    return AmqpError(NOT_FOUND, f"no exchange '{name}' in vhost '{vhost}'")
+
+
+def _locked(name: str, vhost: str = VHOST) -> AmqpError:
     return AmqpError(
         RESOURCE_LOCKED,
-        f"cannot obtain exclusive access to locked queue '{name}' in vhost '{VHOST}'. It "
+        f"cannot obtain exclusive access to locked queue '{name}' in vhost '{vhost}'. It "
         "could be originally declared on another connection or the exclusive property "
         "value does not match that of the original declaration.",
     )
 
 
-def translate(exc: errors.ConveyorError, *, queue: str = "", exchange: str = "") -> AmqpError:
-    """Engine errors in AMQP's terms (the one boundary for this adapter)."""
+def translate(
+    exc: errors.ConveyorError, *, queue: str = "", exchange: str = "", vhost: Vhost = ROOT
+) -> AmqpError:
+    """Engine errors in AMQP's terms (the one boundary for this adapter). ``queue`` and
+    ``exchange`` are AMQP names; engine texts lose ``vhost``'s prefix."""
     if isinstance(exc, errors.QueueNotFound):
-        return _q_missing(queue or "?")
+        return _q_missing(queue or "?", vhost.name)
     if isinstance(exc, errors.ExchangeNotFound):
-        return _x_missing(exchange or "?")
+        return _x_missing(exchange or "?", vhost.name)
     if isinstance(exc, errors.ClosedError):
         return AmqpError(
             CONNECTION_FORCED, "broker forced connection closure with reason 'shutdown'"
         )
+    text = vhost.text(exc.message or exc.code)
     if isinstance(exc, errors.StoreError):
-        return AmqpError(INTERNAL_ERROR, exc.message or "store failure")
+        return AmqpError(INTERNAL_ERROR, text or "store failure")
     if isinstance(exc, errors.InvalidArgument | errors.Conflict | errors.QueueFull):
-        return AmqpError(PRECONDITION_FAILED, exc.message or exc.code)
-    return AmqpError(INTERNAL_ERROR, exc.message or exc.code)
+        return AmqpError(PRECONDITION_FAILED, text)
+    return AmqpError(INTERNAL_ERROR, text)
 
 
 # -- queue arguments ------------------------------------------------------------------
@@ -192,15 +310,16 @@ def _plain_args(arguments: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def queue_options(name: str, arguments: dict[str, Any] | None) -> QueueOptions:
-    """QueueOptions for AMQP queue arguments (RabbitMQ's names and units)."""
+def queue_options(name: str, arguments: dict[str, Any] | None, vhost: str = VHOST) -> QueueOptions:
+    """QueueOptions for AMQP queue arguments (RabbitMQ's names and units). The
+    dead-letter exchange is the AMQP name (the caller maps it into its vhost)."""
     args = arguments or {}
     opts = QueueOptions(max_priority=0, visibility_timeout=30.0)
 
     def bad(key: str, why: str) -> AmqpError:
         return AmqpError(
             PRECONDITION_FAILED,
-            f"invalid arg '{key}' for queue '{name}' in vhost '{VHOST}': {why}",
+            f"invalid arg '{key}' for queue '{name}' in vhost '{vhost}': {why}",
             50,
             10,
         )
@@ -292,7 +411,8 @@ class _Consumer:
 
 @dataclass(eq=False)
 class _Batch:
-    exchange: str
+    exchange: str  # the AMQP name
+    target: str  # the engine's name
     items: list[tuple[NewMessage, str]] = field(default_factory=list)
     events: list[MessageReceived] = field(default_factory=list)
     #: Confirm sequence numbers (empty when the channel is not in confirm mode).
@@ -352,7 +472,10 @@ class _Connection(asyncio.Protocol):
         self.publisher = False
         #: Blocked by a resource alarm: not reading, Connection.Blocked sent.
         self.blocked = False
+        #: Engine names of the exclusive queues this connection declared.
         self.exclusive_queues: set[str] = set()
+        #: The vhost opened (``/`` until Connection.Open).
+        self.vh = ROOT
         #: Work of closed channels that Close-Ok must wait for (requeues, publishes).
         self.cleanup_tasks: set[asyncio.Task[None]] = set()
         self.name = "?"
@@ -375,12 +498,13 @@ class _Connection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.conn = ServerConnection(
             authenticate=self._authenticate,
-            vhost_allowed=lambda user, vhost: vhost == VHOST,
+            open_refusal=self.server.open_refusal,
             product="conveyor",
             version=VERSION,
             frame_max=self.server.frame_max,
             channel_max=self.server.channel_max,
             heartbeat=self.server.heartbeat,
+            max_message_size=self.server.max_message_size,
         )
         self.server.connections.add(self)
         self.task = asyncio.get_running_loop().create_task(self._run(), name="amqp-connection")
@@ -584,6 +708,7 @@ class _Connection(asyncio.Protocol):
                 await self._drain_all()
                 self.conn.send_channel_close_ok(event.channel)
         elif isinstance(event, ConnectionOpened):
+            self.vh = self.server.vhosts.get(event.vhost, ROOT)
             if self.heartbeat_handle is not None:
                 self.heartbeat_handle.cancel()
                 self.heartbeat_handle = None
@@ -675,6 +800,10 @@ class _Connection(asyncio.Protocol):
             )
         msg = codec.to_new_message(props, event.body)
         exchange = event.method.exchange
+        key = event.method.routing_key
+        vh = self.vh
+        if vh.root and exchange == "" and key.startswith("@"):
+            key = "/"  # another vhost's queue: routed nowhere (no queue is named "/")
         self.publisher = True
         if self.server.alarms:
             self.block()
@@ -685,8 +814,9 @@ class _Connection(asyncio.Protocol):
             self._flush_publishes_of(ch)
             batch = None
         if batch is None:
-            batch = ch.batch = _Batch(exchange)
-        batch.items.append((msg, event.method.routing_key))
+            target = "/" if vh.hidden_exchange(exchange) else vh.exchange(exchange)
+            batch = ch.batch = _Batch(exchange, target)
+        batch.items.append((msg, key))
         batch.events.append(event)
         if ch.confirm:
             batch.seqs.append(ch.next_seq)
@@ -715,12 +845,15 @@ class _Connection(asyncio.Protocol):
         results: list[PublishResult] = []
         try:
             if batch.exchange:
-                info = await self.broker.get_exchange(batch.exchange)
+                try:
+                    info = await self.broker.get_exchange(batch.target)
+                except errors.InvalidName:
+                    raise _x_missing(batch.exchange, self.vh.name) from None
                 if info.internal:
                     raise AmqpError(
                         ACCESS_REFUSED,
                         f"cannot publish to internal exchange '{batch.exchange}' in vhost "
-                        f"'{VHOST}'",
+                        f"'{self.vh.name}'",
                         60,
                         40,
                     )
@@ -728,7 +861,7 @@ class _Connection(asyncio.Protocol):
         except AmqpError as exc:
             error = exc
         except errors.ConveyorError as exc:
-            error = translate(exc, exchange=batch.exchange).for_method(60, 40)
+            error = translate(exc, exchange=batch.exchange, vhost=self.vh).for_method(60, 40)
         except Exception as exc:
             log.exception("amqp %s: publish failed", self.name)
             error = AmqpError(INTERNAL_ERROR, f"publish failed: {exc}", 60, 40)
@@ -764,7 +897,7 @@ class _Connection(asyncio.Protocol):
         held = False
         while True:
             try:
-                results = await self.broker.publish_batch(batch.exchange, batch.items)
+                results = await self.broker.publish_batch(batch.target, batch.items)
             except errors.StoreFull as exc:
                 if ch.closed or self.closed:
                     raise
@@ -892,16 +1025,17 @@ class _Connection(asyncio.Protocol):
         tag = ch.next_tag
         ch.next_tag += 1
         redelivered = d.receive_count > 1
+        if d.receipt is not None:
+            ch.unacked[tag] = _Unacked(d.queue, d.receipt, consumer)
+            if consumer is not None:
+                consumer.unacked += 1
+        d = self.vh.delivered(d)
         if consumer is not None:
             method: Frame = commands.Basic.Deliver(
                 tag_name, tag, redelivered, d.exchange, d.routing_key
             )
         else:
             method = commands.Basic.GetOk(tag, redelivered, d.exchange, d.routing_key, 0)
-        if d.receipt is not None:
-            ch.unacked[tag] = _Unacked(d.queue, d.receipt, consumer)
-            if consumer is not None:
-                consumer.unacked += 1
         conn.send_content(ch.number, method, codec.properties_payload(d), d.body)
         return tag
 
@@ -1066,24 +1200,40 @@ def _check_exchange_name(name: str, passive: bool) -> None:
         raise AmqpError(ACCESS_REFUSED, f"exchange name '{name}' contains reserved prefix 'amq.*'")
 
 
+def _reserved(kind: str, name: str, method: tuple[int, int] = (0, 0)) -> AmqpError:
+    """A name starting with "@" on ``/`` (the prefix of other vhosts' objects)."""
+    return AmqpError(ACCESS_REFUSED, f"{kind} name '{name}' contains reserved prefix '@'", *method)
+
+
+async def _get_exchange(c: _Connection, name: str) -> Any:
+    """The engine's ExchangeInfo of AMQP exchange ``name`` (404 when missing)."""
+    vh = c.vh
+    if vh.hidden_exchange(name):
+        raise _x_missing(name, vh.name)
+    try:
+        return await c.broker.get_exchange(vh.exchange(name))
+    except (errors.ExchangeNotFound, errors.InvalidName):
+        raise _x_missing(name, vh.name) from None
+
+
 @_handles(commands.Exchange.Declare)
 async def _exchange_declare(c: _Connection, ch: _Channel, m: commands.Exchange.Declare) -> None:
     name = m.exchange
+    vh = c.vh
     if name == "":
         raise AmqpError(ACCESS_REFUSED, "operation not permitted on the default exchange")
     broker = c.broker
     if m.passive:
-        try:
-            await broker.get_exchange(name)
-        except errors.ExchangeNotFound:
-            raise _x_missing(name) from None
+        await _get_exchange(c, name)
         _reply(c, ch, commands.Exchange.DeclareOk(), m.nowait)
         return
     if m.exchange_type not in ("direct", "fanout", "topic", "headers"):
         raise AmqpError(COMMAND_INVALID, f"unknown exchange type '{m.exchange_type}'")
+    if vh.hidden_exchange(name) and not name.startswith("amq."):
+        raise _reserved("exchange", name)
     try:
-        existing = await broker.get_exchange(name)
-    except errors.ExchangeNotFound:
+        existing = None if vh.hidden_exchange(name) else await _get_exchange(c, name)
+    except AmqpError:
         existing = None
     if existing is not None:
         for arg, have, want in (
@@ -1095,7 +1245,7 @@ async def _exchange_declare(c: _Connection, ch: _Channel, m: commands.Exchange.D
             if have != want:
                 raise AmqpError(
                     PRECONDITION_FAILED,
-                    f"inequivalent arg '{arg}' for exchange '{name}' in vhost '{VHOST}': "
+                    f"inequivalent arg '{arg}' for exchange '{name}' in vhost '{vh.name}': "
                     f"received '{_shown(want)}' but current is '{_shown(have)}'",
                 )
         _reply(c, ch, commands.Exchange.DeclareOk(), m.nowait)
@@ -1103,7 +1253,7 @@ async def _exchange_declare(c: _Connection, ch: _Channel, m: commands.Exchange.D
     _check_exchange_name(name, False)
     try:
         await broker.declare_exchange(
-            name,
+            vh.exchange(name),
             m.exchange_type,
             durable=bool(m.durable),
             auto_delete=bool(m.auto_delete),
@@ -1111,13 +1261,14 @@ async def _exchange_declare(c: _Connection, ch: _Channel, m: commands.Exchange.D
             arguments=codec.plain_value(dict(m.arguments or {})),
         )
     except errors.ConveyorError as exc:
-        raise translate(exc, exchange=name) from None
+        raise translate(exc, exchange=name, vhost=vh) from None
     _reply(c, ch, commands.Exchange.DeclareOk(), m.nowait)
 
 
 @_handles(commands.Exchange.Delete)
 async def _exchange_delete(c: _Connection, ch: _Channel, m: commands.Exchange.Delete) -> None:
     name = m.exchange
+    vh = c.vh
     if name == "" or name.startswith("amq."):
         raise AmqpError(
             ACCESS_REFUSED,
@@ -1125,13 +1276,16 @@ async def _exchange_delete(c: _Connection, ch: _Channel, m: commands.Exchange.De
             if name
             else "operation not permitted on the default exchange",
         )
+    if vh.hidden_exchange(name):
+        _reply(c, ch, commands.Exchange.DeleteOk(), m.nowait)  # as a missing one
+        return
     try:
-        await c.broker.delete_exchange(name, if_unused=bool(m.if_unused))
-    except errors.ExchangeNotFound:
+        await c.broker.delete_exchange(vh.exchange(name), if_unused=bool(m.if_unused))
+    except (errors.ExchangeNotFound, errors.InvalidName):
         pass  # RabbitMQ: deleting a missing exchange succeeds
     except errors.Conflict:
         raise AmqpError(
-            PRECONDITION_FAILED, f"exchange '{name}' in vhost '{VHOST}' in use"
+            PRECONDITION_FAILED, f"exchange '{name}' in vhost '{vh.name}' in use"
         ) from None
     _reply(c, ch, commands.Exchange.DeleteOk(), m.nowait)
 
@@ -1139,32 +1293,33 @@ async def _exchange_delete(c: _Connection, ch: _Channel, m: commands.Exchange.De
 async def _check_bind_source(c: _Connection, name: str) -> None:
     if name == "":
         raise AmqpError(ACCESS_REFUSED, "operation not permitted on the default exchange")
-    try:
-        await c.broker.get_exchange(name)
-    except errors.ExchangeNotFound:
-        raise _x_missing(name) from None
+    await _get_exchange(c, name)
 
 
 @_handles(commands.Exchange.Bind, commands.Exchange.Unbind)
 async def _exchange_bind(c: _Connection, ch: _Channel, m: Any) -> None:
     bind = isinstance(m, commands.Exchange.Bind)
+    vh = c.vh
     await _check_bind_source(c, m.source)
     if m.destination == "":
         raise AmqpError(ACCESS_REFUSED, "operation not permitted on the default exchange")
     try:
-        await c.broker.get_exchange(m.destination)
-    except errors.ExchangeNotFound:
+        await _get_exchange(c, m.destination)
+    except AmqpError:
         if bind:
-            raise _x_missing(m.destination) from None
+            raise
+        _reply(c, ch, commands.Exchange.UnbindOk(), m.nowait)
+        return
     args = codec.plain_value(dict(m.arguments or {}))
+    source, destination = vh.exchange(m.source), vh.exchange(m.destination)
     try:
         if bind:
-            await c.broker.bind_exchange(m.source, m.destination, m.routing_key, args)
+            await c.broker.bind_exchange(source, destination, m.routing_key, args)
         else:
             with contextlib.suppress(errors.ExchangeNotFound):
-                await c.broker.unbind_exchange(m.source, m.destination, m.routing_key, args)
+                await c.broker.unbind_exchange(source, destination, m.routing_key, args)
     except errors.ConveyorError as exc:
-        raise translate(exc, exchange=m.source) from None
+        raise translate(exc, exchange=m.source, vhost=vh) from None
     _reply(c, ch, commands.Exchange.BindOk() if bind else commands.Exchange.UnbindOk(), m.nowait)
 
 
@@ -1180,7 +1335,7 @@ def _amqp_attributes(m: commands.Queue.Declare) -> dict[str, str]:
     }
 
 
-def _check_equivalent(name: str, info: QueueInfo, want: dict[str, str]) -> None:
+def _check_equivalent(name: str, info: QueueInfo, want: dict[str, str], vhost: str = VHOST) -> None:
     have = info.options.attributes
     if _ATTR_ARGUMENTS not in have:
         return  # created through another front door: nothing AMQP-specific to compare
@@ -1188,7 +1343,7 @@ def _check_equivalent(name: str, info: QueueInfo, want: dict[str, str]) -> None:
         if have.get(key) != want[key]:
             raise AmqpError(
                 PRECONDITION_FAILED,
-                f"inequivalent arg '{arg}' for queue '{name}' in vhost '{VHOST}': "
+                f"inequivalent arg '{arg}' for queue '{name}' in vhost '{vhost}': "
                 f"received '{want[key]}' but current is '{have.get(key)}'",
                 50,
                 10,
@@ -1208,7 +1363,7 @@ def _check_equivalent(name: str, info: QueueInfo, want: dict[str, str]) -> None:
             detail = f"received {_describe(now)} but current is {_describe(was)}"
         raise AmqpError(
             PRECONDITION_FAILED,
-            f"inequivalent arg '{key}' for queue '{name}' in vhost '{VHOST}': {detail}",
+            f"inequivalent arg '{key}' for queue '{name}' in vhost '{vhost}': {detail}",
             50,
             10,
         )
@@ -1218,10 +1373,17 @@ def _type_class(value: Any) -> str:
     return "int" if isinstance(value, int) and not isinstance(value, bool) else _type_name(value)
 
 
-def _check_exclusive(c: _Connection, name: str) -> None:
-    owner = c.server.exclusive_owner.get(name)
+def _queue(c: _Connection, name: str) -> str:
+    """The engine's name of AMQP queue ``name``; 404 for a name outside the vhost, or
+    405 when another connection holds it exclusively."""
+    vh = c.vh
+    if vh.hidden(name):
+        raise _q_missing(name, vh.name)
+    internal = vh.queue(name)
+    owner = c.server.exclusive_owner.get(internal)
     if owner is not None and owner is not c:
-        raise _locked(name)
+        raise _locked(name, vh.name)
+    return internal
 
 
 async def _queue_counts(c: _Connection, name: str) -> tuple[int, int]:
@@ -1231,19 +1393,44 @@ async def _queue_counts(c: _Connection, name: str) -> tuple[int, int]:
     return stats.ready, c.broker.consumer_count(name)
 
 
+def _dead_letter_target(c: _Connection, name: str, opts: QueueOptions) -> None:
+    """Map the dead-letter exchange into the vhost; on ``/`` refuse one (or, through
+    the default exchange, a routing key) that names another vhost's objects."""
+    vh = c.vh
+    dlx = opts.dead_letter_exchange
+    if dlx is None:
+        return
+    user = c.conn.user if c.conn is not None else ""
+    if vh.hidden_exchange(dlx):
+        raise AmqpError(
+            ACCESS_REFUSED,
+            f"access to exchange '{dlx}' in vhost '{vh.name}' refused for user '{user}'",
+            50,
+            10,
+        )
+    dlk = opts.dead_letter_routing_key
+    if dlx == "" and dlk is not None and vh.hidden(dlk):
+        raise AmqpError(
+            ACCESS_REFUSED,
+            f"access to queue '{dlk}' in vhost '{vh.name}' refused for user '{user}'",
+            50,
+            10,
+        )
+    opts.dead_letter_exchange = vh.exchange(dlx)
+
+
 @_handles(commands.Queue.Declare)
 async def _queue_declare(c: _Connection, ch: _Channel, m: commands.Queue.Declare) -> None:
     name = m.queue
     broker = c.broker
+    vh = c.vh
     if m.passive:
         name = name or ch.last_queue
+        internal = _queue(c, name)
         try:
-            await broker.declare_queue(name, passive=True)
-        except errors.QueueNotFound:
-            raise _q_missing(name) from None
-        except errors.InvalidName:
-            raise _q_missing(name) from None
-        _check_exclusive(c, name)
+            await broker.declare_queue(internal, passive=True)
+        except (errors.QueueNotFound, errors.InvalidName):
+            raise _q_missing(name, vh.name) from None
     else:
         if not name:
             name = "amq.gen-" + secrets.token_urlsafe(16)
@@ -1251,67 +1438,78 @@ async def _queue_declare(c: _Connection, ch: _Channel, m: commands.Queue.Declare
             raise AmqpError(
                 ACCESS_REFUSED, f"queue name '{name}' contains reserved prefix 'amq.*'", 50, 10
             )
-        _check_exclusive(c, name)
+        elif vh.hidden(name):
+            raise _reserved("queue", name, (50, 10))
+        internal = _queue(c, name)
         want = _amqp_attributes(m)
         try:
-            info: QueueInfo | None = await broker.get_queue(name)
+            info: QueueInfo | None = await broker.get_queue(internal)
         except errors.QueueNotFound:
             info = None
         except errors.InvalidName as exc:
-            raise AmqpError(PRECONDITION_FAILED, exc.message, 50, 10) from None
+            raise AmqpError(PRECONDITION_FAILED, vh.text(exc.message), 50, 10) from None
         if info is not None:
             if (
                 info.options.attributes.get(_ATTR_EXCLUSIVE) == "true"
-                and c.server.exclusive_owner.get(name) is not c
+                and c.server.exclusive_owner.get(internal) is not c
             ):
-                raise _locked(name)
-            _check_equivalent(name, info, want)
+                raise _locked(name, vh.name)
+            _check_equivalent(name, info, want, vh.name)
         else:
-            opts = queue_options(name, m.arguments)
+            opts = queue_options(name, m.arguments, vh.name)
+            _dead_letter_target(c, name, opts)
             opts.attributes = want
             try:
-                await broker.declare_queue(name, opts)
+                await broker.declare_queue(internal, opts)
             except errors.QueueExists:
                 pass  # declared concurrently; the next declare compares
             except errors.ConveyorError as exc:
-                raise translate(exc, queue=name) from None
+                raise translate(exc, queue=name, vhost=vh) from None
             if m.exclusive:
-                c.server.exclusive_owner[name] = c
-                c.exclusive_queues.add(name)
+                c.server.exclusive_owner[internal] = c
+                c.exclusive_queues.add(internal)
             if m.auto_delete:
-                c.server.auto_delete.add(name)
+                c.server.auto_delete.add(internal)
+        if vh.default:
+            # The vhost's default exchange reaches the queue by its (AMQP) name.
+            try:
+                await broker.bind(vh.default, internal, name)
+            except errors.QueueNotFound:
+                raise _q_missing(name, vh.name) from None
+            except errors.ConveyorError as exc:
+                raise translate(exc, queue=name, vhost=vh) from None
     ch.last_queue = name
     if m.nowait:
         return
     try:
-        ready, consumers = await _queue_counts(c, name)
+        ready, consumers = await _queue_counts(c, internal)
     except errors.QueueNotFound:
-        raise _q_missing(name) from None
+        raise _q_missing(name, vh.name) from None
     _reply(c, ch, commands.Queue.DeclareOk(name, ready, consumers))
 
 
 @_handles(commands.Queue.Bind, commands.Queue.Unbind)
 async def _queue_bind(c: _Connection, ch: _Channel, m: Any) -> None:
     bind = isinstance(m, commands.Queue.Bind)
+    vh = c.vh
     queue = m.queue or ch.last_queue
     key = m.routing_key
     if not m.queue and not key:
         key = queue
-    _check_exclusive(c, queue)
+    internal = _queue(c, queue)
     await _check_bind_source(c, m.exchange)
     args = codec.plain_value(dict(m.arguments or {}))
+    exchange = vh.exchange(m.exchange)
     try:
         if bind:
-            await c.broker.bind(m.exchange, queue, key, args)
+            await c.broker.bind(exchange, internal, key, args)
         else:
-            await c.broker.get_queue(queue)
-            await c.broker.unbind(m.exchange, queue, key, args)
-    except errors.QueueNotFound:
-        raise _q_missing(queue) from None
-    except errors.InvalidName:
-        raise _q_missing(queue) from None
+            await c.broker.get_queue(internal)
+            await c.broker.unbind(exchange, internal, key, args)
+    except (errors.QueueNotFound, errors.InvalidName):
+        raise _q_missing(queue, vh.name) from None
     except errors.ConveyorError as exc:
-        raise translate(exc, queue=queue, exchange=m.exchange) from None
+        raise translate(exc, queue=queue, exchange=m.exchange, vhost=vh) from None
     if bind:
         _reply(c, ch, commands.Queue.BindOk(), m.nowait)
     else:
@@ -1321,36 +1519,39 @@ async def _queue_bind(c: _Connection, ch: _Channel, m: Any) -> None:
 @_handles(commands.Queue.Purge)
 async def _queue_purge(c: _Connection, ch: _Channel, m: commands.Queue.Purge) -> None:
     queue = m.queue or ch.last_queue
-    _check_exclusive(c, queue)
+    internal = _queue(c, queue)
     try:
-        n = await c.broker.purge_queue(queue)
+        n = await c.broker.purge_queue(internal)
     except (errors.QueueNotFound, errors.InvalidName):
-        raise _q_missing(queue) from None
+        raise _q_missing(queue, c.vh.name) from None
     _reply(c, ch, commands.Queue.PurgeOk(n), m.nowait)
 
 
 @_handles(commands.Queue.Delete)
 async def _queue_delete(c: _Connection, ch: _Channel, m: commands.Queue.Delete) -> None:
     queue = m.queue or ch.last_queue
-    _check_exclusive(c, queue)
+    vh = c.vh
+    if vh.hidden(queue):
+        _reply(c, ch, commands.Queue.DeleteOk(0), m.nowait)  # as a missing one
+        return
+    internal = _queue(c, queue)
     server = c.server
-    if m.if_unused and server.consumer_total(queue):
-        raise AmqpError(PRECONDITION_FAILED, f"queue '{queue}' in vhost '{VHOST}' in use", 50, 40)
+    in_use = AmqpError(PRECONDITION_FAILED, f"queue '{queue}' in vhost '{vh.name}' in use", 50, 40)
+    if m.if_unused and server.consumer_total(internal):
+        raise in_use
     try:
         if m.if_empty:
-            stats = await c.broker.stats(queue)
+            stats = await c.broker.stats(internal)
             if stats.ready + stats.in_flight + stats.delayed:
                 raise AmqpError(
-                    PRECONDITION_FAILED, f"queue '{queue}' in vhost '{VHOST}' not empty", 50, 40
+                    PRECONDITION_FAILED, f"queue '{queue}' in vhost '{vh.name}' not empty", 50, 40
                 )
-        n = await c.broker.delete_queue(queue)
+        n = await c.broker.delete_queue(internal)
     except (errors.QueueNotFound, errors.InvalidName):
         n = 0  # RabbitMQ: deleting a missing queue succeeds
     except errors.Conflict:
-        raise AmqpError(
-            PRECONDITION_FAILED, f"queue '{queue}' in vhost '{VHOST}' in use", 50, 40
-        ) from None
-    server.forget_queue(queue)
+        raise in_use from None
+    server.forget_queue(internal)
     _reply(c, ch, commands.Queue.DeleteOk(n), m.nowait)
 
 
@@ -1396,19 +1597,19 @@ async def _basic_consume(c: _Connection, ch: _Channel, m: commands.Basic.Consume
     tag = m.consumer_tag or "amq.ctag-" + secrets.token_urlsafe(16)
     if tag in ch.consumers:
         raise AmqpError(NOT_ALLOWED, f"attempt to reuse consumer tag '{tag}'", 60, 20)
-    _check_exclusive(c, queue)
+    internal = _queue(c, queue)
     try:
-        await c.broker.get_queue(queue)
+        await c.broker.get_queue(internal)
     except (errors.QueueNotFound, errors.InvalidName):
-        raise _q_missing(queue) from None
+        raise _q_missing(queue, c.vh.name) from None
     server = c.server
-    if server.exclusive_consumer.get(queue) or (m.exclusive and server.consumer_total(queue)):
+    if server.exclusive_consumer.get(internal) or (m.exclusive and server.consumer_total(internal)):
         raise AmqpError(
-            ACCESS_REFUSED, f"queue '{queue}' in vhost '{VHOST}' in exclusive use", 60, 20
+            ACCESS_REFUSED, f"queue '{queue}' in vhost '{c.vh.name}' in exclusive use", 60, 20
         )
     consumer = _Consumer(
         tag=tag,
-        queue=queue,
+        queue=internal,
         channel=ch,
         connection=c,
         no_ack=bool(m.no_ack),
@@ -1432,8 +1633,8 @@ async def _basic_cancel(c: _Connection, ch: _Channel, m: commands.Basic.Cancel) 
 
 @_handles(commands.Basic.Get)
 async def _basic_get(c: _Connection, ch: _Channel, m: commands.Basic.Get) -> None:
-    queue = m.queue or ch.last_queue
-    _check_exclusive(c, queue)
+    name = m.queue or ch.last_queue
+    queue = _queue(c, name)
     try:
         got = await c.broker.receive(
             queue,
@@ -1444,7 +1645,7 @@ async def _basic_get(c: _Connection, ch: _Channel, m: commands.Basic.Get) -> Non
         )
         stats = await c.broker.stats(queue)
     except (errors.QueueNotFound, errors.InvalidName):
-        raise _q_missing(queue) from None
+        raise _q_missing(name, c.vh.name) from None
     conn = c.conn
     assert conn is not None
     if not got:
@@ -1458,6 +1659,7 @@ async def _basic_get(c: _Connection, ch: _Channel, m: commands.Basic.Get) -> Non
     ch.next_tag += 1
     if d.receipt is not None:
         ch.unacked[tag] = _Unacked(queue, d.receipt, None)
+    d = c.vh.delivered(d)
     conn.send_content(
         ch.number,
         commands.Basic.GetOk(tag, d.receive_count > 1, d.exchange, d.routing_key, stats.ready),
@@ -1533,7 +1735,13 @@ async def _tx_rollback(c: _Connection, ch: _Channel, m: commands.Tx.Rollback) ->
 
 class AmqpServer:
     """The AMQP listener. ``users`` maps user names to passwords; without it the only
-    user is guest/guest, which (as in RabbitMQ) may only log in from loopback."""
+    user is guest/guest, which (as in RabbitMQ) may only log in from loopback.
+
+    ``vhosts`` are the virtual hosts that exist (see :class:`Vhost`); ``permissions``
+    maps a user to the vhosts it may open (a user not in it may open every vhost).
+    ``max_connections`` bounds the open connections (None: no limit);
+    ``max_message_size`` the body of one publish (None: the broker's limit).
+    """
 
     def __init__(
         self,
@@ -1548,8 +1756,18 @@ class AmqpServer:
         handshake_timeout: float = 10.0,
         publish_high_water: int = PUBLISH_HIGH_WATER,
         store_full_retry: float = STORE_FULL_RETRY,
+        vhosts: Iterable[str] = (VHOST,),
+        permissions: Mapping[str, Iterable[str]] | None = None,
+        max_connections: int | None = None,
+        max_message_size: int | None = None,
     ) -> None:
         self.broker = broker
+        self.vhosts: dict[str, Vhost] = {name: Vhost(name) for name in vhosts}
+        self.permissions = {u: frozenset(v) for u, v in (permissions or {}).items()}
+        self.max_connections = max_connections
+        self.max_message_size = (
+            broker.max_message_size if max_message_size is None else max_message_size
+        )
         self.users = dict(users) if users else {"guest": "guest"}
         self.loopback_users = frozenset(loopback_users)
         self.frame_max = frame_max
@@ -1578,9 +1796,35 @@ class AmqpServer:
             return False
         return loopback or user not in self.loopback_users
 
+    def open_refusal(self, user: str, vhost: str) -> str | None:
+        """Why Connection.Open must be refused (530 NOT_ALLOWED), in RabbitMQ's words
+        and order; None to accept."""
+        if self.max_connections is not None:
+            opened = sum(
+                1 for c in self.connections if c.conn is not None and c.conn.state is State.OPEN
+            )
+            if opened >= self.max_connections:
+                log.warning("amqp: connection limit (%d) reached", self.max_connections)
+                return (
+                    f"connection refused: node connection limit ({self.max_connections}) is reached"
+                )
+        if vhost not in self.vhosts:
+            return f"vhost {vhost} not found"
+        allowed = self.permissions.get(user)
+        if allowed is not None and vhost not in allowed:
+            return f"access to vhost '{vhost}' refused for user '{user}'"
+        return None
+
     async def start(self, host: str, port: int, *, sock: socket.socket | None = None) -> int:
         """Listen on host:port (0 picks a free port), or on ``sock``; returns the port."""
         loop = asyncio.get_running_loop()
+        for vh in self.vhosts.values():
+            if vh.root:
+                continue  # the engine declares "/"'s amq.* exchanges itself
+            # Each vhost has RabbitMQ's amq.* exchanges and its own default exchange.
+            for name, kind in (*STANDARD_EXCHANGES.items(), (DEFAULT_ALIAS, "direct")):
+                with contextlib.suppress(errors.ExchangeExists):
+                    await self.broker.declare_exchange(vh.prefix + name, kind)
         if sock is not None:
             self._server = await loop.create_server(lambda: _Connection(self), sock=sock)
         else:
@@ -1695,4 +1939,4 @@ class AmqpServer:
             consumer.connection._server_cancel(consumer)
 
 
-__all__ = ["AmqpServer", "queue_options", "translate"]
+__all__ = ["AmqpServer", "Vhost", "check_vhost_name", "queue_options", "translate"]

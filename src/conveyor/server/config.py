@@ -14,8 +14,13 @@ The TOML file holds the same keys as the flags, flat, with underscores::
     sqs_account_id = "000000000000"
     sqs_region = "us-east-1"
 
+    vhosts = ["/", "billing"]   # AMQP virtual hosts (env: comma list)
+
     [users]                 # AMQP PLAIN users (user = "password")
     guest = "guest"
+
+    [permissions]           # AMQP vhosts a user may open (unlisted users: every vhost)
+    guest = ["/", "billing"]
 
     [sqs_access_keys]       # SQS SigV4 credentials (access key id = "secret")
     AKIDEXAMPLE = "secret"
@@ -60,8 +65,27 @@ class ServerConfig:
     shutdown_timeout: float = 10.0
     #: Largest request body the HTTP listener reads, in bytes.
     max_request_size: int = 64 * 1024 * 1024
+    #: Largest message body the engine stores (every protocol), in bytes; a queue's own
+    #: ``max_message_size`` takes precedence.
+    max_message_size: int = 1024 * 1024
+    #: Open HTTP connections (native API and SQS) served at once; requests on
+    #: connections beyond it get 503 with Retry-After. 0: no limit.
+    max_connections: int = 10_000
+    #: Queues the broker holds; creating one more fails (LimitExceeded). 0: no limit.
+    max_queues: int = 0
+    #: Largest ``max_messages`` of one native receive or peek.
+    max_messages_per_receive: int = 1000
     #: AMQP PLAIN users (name -> password); none: guest/guest, from loopback only.
     users: Mapping[str, str] = field(default_factory=dict)
+    #: AMQP virtual hosts that exist (TOML list, env comma list); "/" is the engine's
+    #: own namespace, others are prefixed (docs/amqp.md).
+    vhosts: tuple[str, ...] = ("/",)
+    #: AMQP user -> the vhosts it may open (TOML ``[permissions]``); unlisted: every one.
+    permissions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    #: Open AMQP connections; one more is refused at Connection.Open (530). 0: no limit.
+    amqp_max_connections: int = 0
+    #: AMQP channels per connection (``channel_max`` offered in Connection.Tune).
+    amqp_channel_max: int = 2047
     sqs_account_id: str = "000000000000"
     sqs_region: str = "us-east-1"
     #: SQS access key id -> secret key; SigV4 signatures are checked against these.
@@ -85,12 +109,21 @@ class ServerConfig:
 
 
 _INT_KEYS = {"http_port", "max_request_size"}
+#: Integer settings with their allowed range (low, high; None: unbounded).
+_BOUNDED_KEYS: dict[str, tuple[int, int | None]] = {
+    "max_message_size": (1, None),
+    "max_connections": (0, None),
+    "max_queues": (0, None),
+    "max_messages_per_receive": (1, 10_000),
+    "amqp_max_connections": (0, None),
+    "amqp_channel_max": (1, 65535),
+}
 _FLOAT_KEYS = {"shutdown_timeout"}
 _STR_KEYS = {
     "data", "host", "durability", "token", "log_level", "ready_file", "sqs_account_id",
     "sqs_region",
 }  # fmt: skip
-_TABLE_KEYS = {"users", "sqs_access_keys"}
+_TABLE_KEYS = {"users", "sqs_access_keys", "permissions"}
 _KEYS = {f.name for f in dataclasses.fields(ServerConfig)} - {"config_file", "explicit"}
 
 
@@ -120,6 +153,13 @@ def load_config(
         raise InvalidArgument(f"unknown setting(s): {', '.join(sorted(unknown))}")
     values: dict[str, Any] = {k: _coerce(k, v) for k, v in merged.items()}
     values["explicit"] = frozenset(merged)
+    for user, allowed in values.get("permissions", {}).items():
+        unknown_vhosts = set(allowed) - set(values.get("vhosts", ("/",)))
+        if unknown_vhosts:
+            raise InvalidArgument(
+                f"setting 'permissions': user {user!r} is given vhost(s) "
+                f"{', '.join(sorted(unknown_vhosts))} that are not in 'vhosts'"
+            )
     if path:
         values["config_file"] = str(path)
     return ServerConfig(**values)
@@ -154,6 +194,13 @@ def _coerce(key: str, value: Any) -> Any:
         return value is True or str(value).lower() in ("1", "true", "yes")
     if key in _INT_KEYS:
         return _int(where, value)
+    if key in _BOUNDED_KEYS:
+        low, high = _BOUNDED_KEYS[key]
+        n = _int(where, value)
+        if n < low or (high is not None and n > high):
+            bound = f"at least {low}" if high is None else f"from {low} to {high}"
+            raise InvalidArgument(f"{where} must be {bound}, got {n}")
+        return n
     if key in _FLOAT_KEYS:
         try:
             return float(value)
@@ -170,11 +217,31 @@ def _coerce(key: str, value: Any) -> Any:
         ):
             raise InvalidArgument(f'{where} must be a table of user = "password"')
         return dict(value)
+    if key == "vhosts":
+        return _vhost_list(where, value)
+    if key == "permissions":
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise InvalidArgument(f'{where} must be a table of user = ["vhost", ...]')
+        return {user: _vhost_list(f"{where} for {user!r}", v) for user, v in value.items()}
     if key in _STR_KEYS:
         if not isinstance(value, str):
             raise InvalidArgument(f"{where} must be a string, got {value!r}")
         return value
     return value
+
+
+def _vhost_list(where: str, value: Any) -> tuple[str, ...]:
+    """A list of vhost names (a TOML list, or a comma list from the environment)."""
+    from conveyor.server.amqp import check_vhost_name
+
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise InvalidArgument(f"{where} must be a list of vhost names")
+    try:
+        return tuple(dict.fromkeys(check_vhost_name(v) for v in value))
+    except ValueError as exc:
+        raise InvalidArgument(f"{where}: {exc}") from None
 
 
 def _int(where: str, value: Any) -> int:

@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from conveyor import errors
+from conveyor.logutil import Throttle, suffix
 from conveyor.protocols.http import (
     BY_OPERATION,
     ROUTES,
@@ -30,9 +32,10 @@ from conveyor.protocols.http import (
     openapi_document,
     wire,
 )
+from conveyor.protocols.sqs import errors as sqs_errors
 from conveyor.server.config import ServerConfig
 from conveyor.server.metrics import Metrics
-from conveyor.server.sqs import SqsConfig, handle_sqs, is_sqs_request
+from conveyor.server.sqs import SqsConfig, error_response, handle_sqs, is_sqs_request
 
 if TYPE_CHECKING:
     from conveyor.broker import Broker, FakeClock
@@ -76,6 +79,15 @@ class HttpApi:
     @staticmethod
     def _done() -> web.Response:
         return web.Response(status=204)
+
+    def _max_messages(self, n: int) -> int:
+        cap = self.config.max_messages_per_receive
+        if n > cap:
+            raise errors.InvalidArgument(
+                f"max_messages is {n}; this server returns at most {cap} messages per call"
+                " (setting max_messages_per_receive)"
+            )
+        return n
 
     @staticmethod
     def _queue(request: web.Request) -> str:
@@ -137,7 +149,7 @@ class HttpApi:
         return self._json(await self.broker.stats(self._queue(request)))
 
     async def peek(self, request: web.Request) -> web.Response:
-        n = _int_param(request, "max_messages", 10)
+        n = self._max_messages(_int_param(request, "max_messages", 10))
         deliveries = await self.broker.peek(self._queue(request), n)
         return self._json(
             wire.MessageList(messages=[wire.MessageOut.from_model(d) for d in deliveries])
@@ -168,7 +180,7 @@ class HttpApi:
         started = time.monotonic()
         call = self.broker.receive(
             queue,
-            body.max_messages,
+            self._max_messages(body.max_messages),
             wait=body.wait,
             visibility_timeout=body.visibility_timeout,
             auto_ack=body.auto_ack,
@@ -354,14 +366,20 @@ def _auth_middleware(token: str) -> Any:
     return auth
 
 
+_server_error_log = Throttle()
+
+
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except errors.ConveyorError as exc:
         status, body = error_from_exception(exc)
-        log_fn = log.warning if status >= 500 else log.info
-        log_fn("%s %s -> %d %s: %s", request.method, request.path, status, exc.code, exc)
+        line = ("%s %s -> %d %s: %s", request.method, request.path, status, exc.code, exc)
+        if status >= 500:  # a full disk fails every request: one line a second per code
+            _server_error_log.log(log, logging.WARNING, exc.code, *line)
+        else:
+            log.info(*line)
         return web.Response(status=status, body=body, content_type=JSON)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -385,6 +403,143 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return web.Response(
             status=500, body=error_body("internal", "internal server error"), content_type=JSON
         )
+
+
+# -- connection limit ----------------------------------------------------------------
+
+#: Answered even on a connection beyond the limit (then closed), so health checks and
+#: scrapes still see a saturated server.
+_ALWAYS_ANSWERED = frozenset({"/healthz", "/metrics"})
+#: Bodies up to this size are read before a refusal, so closing the connection does not
+#: reset it under the client's feet (unread data makes the kernel send RST).
+_DRAIN_LIMIT = 64 * 1024
+_limit_log = Throttle()
+
+
+class ConnectionLimit:
+    """``max_connections`` for the HTTP listener.
+
+    A connection is admitted at its first request when fewer than ``limit`` of the
+    connections opened before it are still open (aiohttp's ``Server.connections`` is in
+    accept order); requests on a connection that is not are answered 503 with
+    Retry-After, in the protocol they speak (native JSON or SQS), and the connection is
+    closed. An admitted connection stays admitted. HTTP/1.1 handles one request at a
+    time per connection, so this also bounds concurrent long polls.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        #: Set once the listener runs (``attach_server``).
+        self.server: web.Server | None = None
+        self._admitted: set[object] = set()
+
+    def admit(self, request: web.Request) -> bool:
+        proto = request.protocol
+        if proto in self._admitted:
+            return True
+        server = self.server
+        if server is None or self.limit <= 0:
+            return True
+        conns = server.connections
+        if len(self._admitted) > 2 * len(conns) + 64:
+            self._admitted.intersection_update(conns)  # forget closed connections
+        if len(conns) <= self.limit or any(c is proto for c in conns[: self.limit]):
+            self._admitted.add(proto)
+            return True
+        return False
+
+    def open_connections(self) -> int:
+        return len(self.server.connections) if self.server is not None else 0
+
+
+CONNECTION_LIMIT = web.AppKey("conveyor.connection_limit", ConnectionLimit)
+
+
+def attach_server(app: web.Application, server: web.Server | None) -> None:
+    """Give the connection limit the aiohttp server whose connections it counts."""
+    limit = app.get(CONNECTION_LIMIT)
+    if limit is not None:
+        limit.server = server
+
+
+def _connection_limit_middleware(limit: ConnectionLimit) -> Any:
+    @web.middleware
+    async def connection_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if limit.admit(request):
+            return await handler(request)
+        if request.path in _ALWAYS_ANSWERED:
+            answered = await handler(request)
+            answered.force_close()
+            return answered
+        admitted = _limit_log.admit("max_connections")
+        if admitted is not None:
+            log.warning(
+                "refused a request from %s: %d HTTP connections open, max_connections is %d"
+                + suffix(admitted),
+                request.remote,
+                limit.open_connections(),
+                limit.limit,
+            )
+        if request.content_length is not None and request.content_length <= _DRAIN_LIMIT:
+            with contextlib.suppress(Exception):
+                await request.read()
+        message = f"too many connections: this server serves at most {limit.limit} at once"
+        response: web.Response
+        if not request.path.startswith("/v1/") and is_sqs_request(request):
+            response = error_response(
+                request, sqs_errors.SqsError(sqs_errors.SERVICE_UNAVAILABLE, message)
+            )
+        else:
+            response = web.Response(
+                status=503, body=error_body("too_many_connections", message), content_type=JSON
+            )
+        response.headers["Retry-After"] = "1"
+        response.force_close()
+        return response
+
+    return connection_limit
+
+
+# -- log hygiene -----------------------------------------------------------------------
+
+
+class MalformedRequestFilter(logging.Filter):
+    """aiohttp answers a request its parser rejects with 400 and logs it at ERROR with
+    the parser's traceback, so a peer sending garbage fills the log. This filter turns
+    each into one WARNING line, at most one a second per kind of error with a count of
+    those not logged. Other errors aiohttp logs (a handler's exception) are untouched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.throttle = Throttle()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if record.levelno < logging.ERROR or not isinstance(exc, HttpProcessingError):
+            return True
+        if not logging.getLogger(record.name).isEnabledFor(logging.WARNING):
+            return False
+        kind = type(exc).__name__
+        admitted = self.throttle.admit(kind)
+        if admitted is None:
+            return False
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        detail = " ".join(str(exc.message or exc).split())[:200]
+        record.msg = "malformed HTTP request from %s answered %s: %s: %s" + suffix(admitted)
+        record.args = (remote, exc.code or 400, kind, detail)
+        record.levelno = logging.WARNING
+        record.levelname = logging.getLevelName(logging.WARNING)
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
+_malformed_filter = MalformedRequestFilter()
+
+
+def install_log_filters() -> None:
+    """Demote aiohttp's per-request parser tracebacks (idempotent)."""
+    logging.getLogger("aiohttp.server").addFilter(_malformed_filter)
 
 
 def add_test_routes(app: web.Application, broker: Broker, clock: FakeClock) -> None:
@@ -432,6 +587,9 @@ def build_app(
 ) -> web.Application:
     api = HttpApi(broker, config, metrics, stopping, version)
     middlewares: list[Any] = []
+    limit = ConnectionLimit(config.max_connections)
+    if config.max_connections > 0:
+        middlewares.append(_connection_limit_middleware(limit))  # outermost: before any work
     sqs = _sqs_middleware(broker, config)
     if config.sqs_access_keys:
         middlewares.append(sqs)  # outermost: SQS requests carry AWS signatures
@@ -441,6 +599,7 @@ def build_app(
     if not config.sqs_access_keys:
         middlewares.append(sqs)  # behind the token check, when one is set
     app = web.Application(middlewares=middlewares, client_max_size=config.max_request_size)
+    app[CONNECTION_LIMIT] = limit
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/metrics", api.metrics_route)
     app.router.add_get("/v1/openapi.json", api.openapi)

@@ -29,7 +29,6 @@ from kafka.protocol.admin import (
     ListGroupsResponse,
 )
 from kafka.protocol.consumer import (
-    FetchResponse,
     HeartbeatResponse,
     JoinGroupResponse,
     LeaveGroupResponse,
@@ -50,6 +49,7 @@ from conveyor.protocols.kafka.codec import (
     UnsupportedRequest,
     api_versions_response,
     decode_request,
+    encode_fetch_response,
     encode_response,
 )
 from conveyor.streams import (
@@ -159,8 +159,8 @@ class _Conn(asyncio.Protocol):
 
     async def _run(self, handler: Handler, req: Request) -> bytes | None:
         resp = await handler(self.server, self, req)
-        if resp is None:
-            return None
+        if resp is None or isinstance(resp, bytes):  # None: no answer; bytes: encoded
+            return resp
         return encode_response(req, resp)
 
     def _respond(self, data: bytes) -> None:
@@ -333,15 +333,14 @@ async def _produce(s: KafkaServer, c: _Conn, req: Request) -> Any:
     return ProduceResponse(responses=responses, throttle_time_ms=0)
 
 
-_FT = FetchResponse.FetchableTopicResponse
-_FP = _FT.PartitionData
+_FetchTopics = list[tuple[str, list[tuple[int, int, int, int, bytes]]]]
 
 
-def _fetch_once(s: KafkaServer, body: Any) -> tuple[list[Any], int, bool]:
+def _fetch_once(s: KafkaServer, body: Any) -> tuple[_FetchTopics, int, bool]:
     budget = body.max_bytes if body.max_bytes > 0 else 0x7FFFFFFF
     total = 0
     failed = False
-    out = []
+    out: _FetchTopics = []
     for t in body.topics:
         parts = []
         for p in t.partitions:
@@ -362,19 +361,8 @@ def _fetch_once(s: KafkaServer, body: Any) -> tuple[list[Any], int, bool]:
                 failed = True
             total += len(records)
             budget -= len(records)
-            parts.append(
-                _FP(
-                    partition_index=p.partition,
-                    error_code=code,
-                    high_watermark=hw,
-                    last_stable_offset=hw,
-                    log_start_offset=start,
-                    aborted_transactions=None,
-                    preferred_read_replica=-1,
-                    records=records,
-                )
-            )
-        out.append(_FT(topic=t.topic, partitions=parts))
+            parts.append((p.partition, code, hw, start, records))
+        out.append((t.topic, parts))
     return out, total, failed
 
 
@@ -392,7 +380,7 @@ async def _fetch(s: KafkaServer, c: _Conn, req: Request) -> Any:
         if s.streams.closed:
             break
         await s.streams.wait(keys, remaining)
-    return FetchResponse(throttle_time_ms=0, error_code=0, session_id=0, responses=responses)
+    return encode_fetch_response(req.correlation_id, req.api_version, responses)
 
 
 _LT = ListOffsetsResponse.ListOffsetsTopicResponse

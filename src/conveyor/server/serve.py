@@ -27,7 +27,7 @@ from aiohttp import web
 from conveyor.broker import Broker, FakeClock
 from conveyor.server.amqp import AmqpServer
 from conveyor.server.config import ServerConfig
-from conveyor.server.http import add_test_routes, build_app
+from conveyor.server.http import add_test_routes, attach_server, build_app, install_log_filters
 from conveyor.server.metrics import Metrics
 from conveyor.server.streams_http import add_stream_routes, open_streams
 from conveyor.streams import StreamEngine
@@ -71,7 +71,12 @@ def version() -> str:
 
 
 def store_url(data: str) -> str:
-    """``--data`` takes a directory or a store URL; a password in a URL is not shown."""
+    """``--data`` takes a directory or a store URL."""
+    return data if "://" in data else str(Path(data))
+
+
+def shown_url(data: str) -> str:
+    """The store location for the banner and ready file: a URL's password hidden."""
     if "://" not in data:
         return str(Path(data))
     parts = urlsplit(data)
@@ -142,7 +147,7 @@ def _url(scheme: str, host: str, port: int) -> str:
 def banner(running: RunningServer, ver: str) -> str:
     c = running.config
     lines = [f"conveyor {ver}"]
-    lines.append(f"  data        {store_url(c.data)}")
+    lines.append(f"  data        {shown_url(c.data)}")
     lines.append(f"  durability  {c.durability}")
     if c.config_file:
         lines.append(f"  config      {c.config_file}")
@@ -163,7 +168,7 @@ def write_ready_file(path: str, running: RunningServer) -> None:
         "amqp_port": running.port("amqp"),
         "kafka_port": running.port("kafka"),
         "urls": {x.name: x.url for x in running.listeners},
-        "data": store_url(running.config.data),
+        "data": shown_url(running.config.data),
         "durability": running.config.durability,
     }
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -193,14 +198,26 @@ async def serve(
     ver = version()
     stop = stop or asyncio.Event()
     stopping = asyncio.Event()
+    install_log_filters()
+    max_queues = config.max_queues or None
     if config.test_clock:
         clock = FakeClock()
         broker = await Broker.open(
-            store_url(config.data), durability=config.durability, clock=clock, timers=False
+            store_url(config.data),
+            durability=config.durability,
+            clock=clock,
+            timers=False,
+            max_queues=max_queues,
+            max_message_size=config.max_message_size,
         )
     else:
         clock = None
-        broker = await Broker.open(store_url(config.data), durability=config.durability)
+        broker = await Broker.open(
+            store_url(config.data),
+            durability=config.durability,
+            max_queues=max_queues,
+            max_message_size=config.max_message_size,
+        )
     running = RunningServer(config=config, broker=broker)
     runner: web.AppRunner | None = None
     amqp_server: AmqpServer | None = None
@@ -211,7 +228,7 @@ async def serve(
         metrics = Metrics()
         app = build_app(broker, config, metrics=metrics, stopping=stopping, version=ver)
         if streams is not None:
-            add_stream_routes(app, streams)
+            add_stream_routes(app, streams, broker)
         if clock is not None:
             add_test_routes(app, broker, clock)
         runner = web.AppRunner(
@@ -223,6 +240,7 @@ async def serve(
         await web.SockSite(runner, sock).start()
         running.listeners.append(Listener("http", _url("http", config.host, http_port), http_port))
         server = runner.server
+        attach_server(app, server)
         metrics.connection_sources["http"] = lambda: len(server.connections) if server else 0
 
         amqp_sock = (
@@ -231,7 +249,14 @@ async def serve(
             else None
         )
         if config.amqp_port is not None and amqp_sock is not None:
-            amqp = AmqpServer(broker, users=dict(config.users) or None)
+            amqp = AmqpServer(
+                broker,
+                users=dict(config.users) or None,
+                vhosts=config.vhosts,
+                permissions=config.permissions,
+                max_connections=config.amqp_max_connections or None,
+                channel_max=config.amqp_channel_max,
+            )
             amqp_port = await amqp.start(config.host, config.amqp_port, sock=amqp_sock)
             running.listeners.append(
                 Listener("amqp", _url("amqp", config.host, amqp_port), amqp_port)

@@ -126,7 +126,13 @@ async def handle_sqs(broker: Broker, request: web.Request, config: SqsConfig) ->
     is_json = target is not None
     op = "Unknown"
     try:
-        body = await request.read()
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge as exc:
+            raise SqsError(
+                E.INVALID_PARAMETER_VALUE,
+                f"One or more parameters are invalid. Reason: {exc.text}",
+            ) from None
         headers = {k.lower(): v for k, v in request.headers.items()}
         url_query = dict(request.query)
         signed = sigv4.read_signature(headers, url_query)
@@ -183,6 +189,13 @@ async def handle_sqs(broker: Broker, request: web.Request, config: SqsConfig) ->
     )
 
 
+def error_response(request: web.Request, exc: SqsError) -> web.Response:
+    """``exc`` in the protocol (JSON or query) of ``request``, for answers given before
+    the request reaches :func:`handle_sqs` (the connection limit)."""
+    is_json = request.headers.get("X-Amz-Target") is not None
+    return _error(exc, is_json, str(uuid.uuid4()))
+
+
 def _error(exc: SqsError, is_json: bool, request_id: str) -> web.Response:
     if is_json:
         status, extra, body = codec.error_json(exc)
@@ -217,6 +230,8 @@ def _engine_error(exc: errors.ConveyorError) -> SqsError:
     if isinstance(exc, errors.QueueExists):
         return SqsError(E.QUEUE_NAME_EXISTS, exc.message)
     if isinstance(exc, errors.QueueFull):
+        return SqsError(E.OVER_LIMIT, exc.message)
+    if isinstance(exc, errors.LimitExceeded):
         return SqsError(E.OVER_LIMIT, exc.message)
     if isinstance(exc, errors.Unauthorized):
         return SqsError(E.INVALID_CLIENT_TOKEN_ID, exc.message)
@@ -1102,4 +1117,4 @@ _HANDLERS: dict[str, _Handler] = {
     "UntagQueue": untag_queue,
 }
 
-__all__ = ["SqsConfig", "handle_sqs", "is_sqs_request"]
+__all__ = ["SqsConfig", "error_response", "handle_sqs", "is_sqs_request"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -673,17 +674,19 @@ _SYNC = {"fsync": "NORMAL", "os": "NORMAL", "none": "OFF"}
 
 
 def _connect(path: str, durability: Durability) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    # timeout: wait (not fail) while another process holds the write lock, which
+    # includes two processes opening the same new directory at once.
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
     try:
+        conn.execute("PRAGMA busy_timeout=10000")
         if path != ":memory:":
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            mode = _retry_locked(lambda: conn.execute("PRAGMA journal_mode=WAL").fetchone()[0])
             if str(mode).lower() != "wal":
                 raise StoreError(f"could not switch {path} to WAL mode (got {mode})")
         conn.execute(f"PRAGMA synchronous={_SYNC[durability]}")
         conn.execute("PRAGMA foreign_keys=OFF")
         conn.execute("PRAGMA cache_size=-16000")  # 16 MiB: bounded, bodies stay on disk
-        conn.execute("PRAGMA busy_timeout=5000")
-        _migrate(conn, path)
+        _retry_locked(lambda: _migrate(conn, path))
     except sqlite3.DatabaseError as exc:
         conn.close()
         err = translate(exc)
@@ -698,6 +701,19 @@ def _connect(path: str, durability: Durability) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def _retry_locked(fn: Callable[[], T], seconds: float = 10.0) -> T:
+    """Run ``fn``, retrying while another process holds a lock SQLite's busy handler
+    does not wait for (switching to WAL mode is one)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return fn()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def _migrate(conn: sqlite3.Connection, path: str) -> None:

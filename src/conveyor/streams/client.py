@@ -2,8 +2,8 @@
 
 Embedded connections (a directory, ``sqlite:///dir``, ``memory://``) open the stream
 engine next to the store (``<dir>/streams``) on first use and close it with the
-connection. Remote (``http://``) connections are not served yet: use the HTTP routes
-(``/v1/streams``) or a Kafka client against the server.
+connection. Remote (``http://``) connections get the same classes' methods over the
+server's ``/v1/streams`` HTTP routes (conveyor.streams.remote).
 
 Group consumption uses the engine's group coordinator with this client's own
 protocol type (``conveyor``, range assignment computed by the elected leader), so a
@@ -16,16 +16,23 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mapping
-from typing import Any, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from conveyor.errors import InvalidArgument
+from conveyor.streams.bridges import BridgeManager
 from conveyor.streams.engine import PartitionOffsets, StreamEngine, StreamRecord
 from conveyor.streams.errors import GroupError, OffsetOutOfRange
 from conveyor.streams.groups import NONE, REBALANCE_IN_PROGRESS
 
+if TYPE_CHECKING:
+    from conveyor.streams.remote import RemoteStream, RemoteStreamConsumer, RemoteStreams
+
 T = TypeVar("T")
 Value = bytes | str
 _ATTR = "_conveyor_streams"
+_BRIDGES = "_conveyor_bridges"
+_REMOTE = "_conveyor_remote_streams"
 
 
 def _bytes(v: Value | None) -> bytes | None:
@@ -53,27 +60,99 @@ async def engine_for(conn: Any) -> StreamEngine:
     else:
         engine = await StreamEngine.open(f"{location}/streams", durability)
     setattr(conn, _ATTR, engine)
+    from conveyor.broker import Broker
+
+    if isinstance(backend, Broker):
+        bridges = BridgeManager(engine, backend)
+        await bridges.start()
+        setattr(conn, _BRIDGES, bridges)
     return engine
 
 
 async def close_streams(conn: Any) -> None:
+    bridges: BridgeManager | None = getattr(conn, _BRIDGES, None)
+    if bridges is not None:
+        await bridges.close()
     engine: StreamEngine | None = getattr(conn, _ATTR, None)
     if engine is not None:
         await engine.close()
+    remote: Any = getattr(conn, _REMOTE, None)
+    if remote is not None:
+        await remote.close()
+
+
+def _is_remote(conn: Any) -> bool:
+    from conveyor.client.remote import RemoteBroker
+
+    return isinstance(conn.backend, RemoteBroker)
+
+
+def remote_streams(conn: Any) -> RemoteStreams:
+    """The HTTP streams client of a remote (``http://``) connection."""
+    from conveyor.streams.remote import RemoteStreams
+
+    api: RemoteStreams | None = getattr(conn, _REMOTE, None)
+    if api is None:
+        api = RemoteStreams(conn.backend)
+        setattr(conn, _REMOTE, api)
+    return api
+
+
+async def bridges_for(conn: Any) -> BridgeApi:
+    """What configures bridges on this connection: the in-process manager (embedded)
+    or the server's HTTP routes (remote)."""
+    if _is_remote(conn):
+        return remote_streams(conn)
+    await engine_for(conn)
+    bridges: BridgeManager | None = getattr(conn, _BRIDGES, None)
+    if bridges is None:
+        raise InvalidArgument("bridges need a connection with a queue engine")
+    return bridges
 
 
 async def open_stream(
     conn: Any, name: str, partitions: int | None = None, config: dict[str, Any] | None = None
-) -> AsyncStream:
+) -> AsyncStream | RemoteStream:
+    if _is_remote(conn):
+        return await remote_streams(conn).open_stream(name, partitions, config)
     engine = await engine_for(conn)
     await engine.create_topic(name, partitions, config, exist_ok=True)
-    return AsyncStream(engine, name)
+    return AsyncStream(engine, name, getattr(conn, _BRIDGES, None))
+
+
+class BridgeApi(Protocol):
+    async def feed(
+        self, stream: str, queue: str, *, key: str = "header", start: str = "start"
+    ) -> Any: ...
+    async def unfeed(self, stream: str, queue: str) -> None: ...
+    async def bind(
+        self,
+        exchange: str,
+        stream: str,
+        routing_key: str = "",
+        arguments: dict[str, Any] | None = None,
+    ) -> Any: ...
+    async def unbind(
+        self,
+        exchange: str,
+        stream: str,
+        routing_key: str = "",
+        arguments: dict[str, Any] | None = None,
+    ) -> None: ...
+    async def list_bridges(self, stream: str | None = None) -> list[dict[str, Any]]: ...
+
+
+def _queue_name(queue: Any) -> str:
+    return queue if isinstance(queue, str) else str(queue.name)
 
 
 class AsyncStream:
-    def __init__(self, engine: StreamEngine, name: str) -> None:
+    def __init__(
+        self, engine: StreamEngine, name: str, bridges: BridgeManager | None = None
+    ) -> None:
         self.engine = engine
         self.name = name
+        self._bridges = bridges
         self._rr = 0
 
     def __repr__(self) -> str:
@@ -172,6 +251,90 @@ class AsyncStream:
     async def delete(self) -> None:
         await self.engine.delete_topic(self.name)
 
+    # -- bridges (conveyor.streams.bridges) ----------------------------------------------
+    def _bridge_api(self) -> BridgeManager:
+        if self._bridges is None:
+            raise InvalidArgument("bridges need a connection with a queue engine")
+        return self._bridges
+
+    async def feed(self, queue: Any, *, key: str = "header", start: str = "start") -> None:
+        """Send every record of this stream to ``queue`` (a queue or its name) as a
+        message, at least once, from the server process. ``key``: where the record key
+        goes (``header`` = header ``x-stream-key``, ``group_id``, ``none``); ``start``:
+        a new feed begins at the log start or the current ``end``."""
+        await self._bridge_api().feed(self.name, _queue_name(queue), key=key, start=start)
+
+    async def unfeed(self, queue: Any) -> None:
+        await self._bridge_api().unfeed(self.name, _queue_name(queue))
+
+    async def bridges(self) -> list[dict[str, Any]]:
+        """This stream's feeds (with their lag) and exchange bindings."""
+        return await self._bridge_api().list_bridges(self.name)
+
+
+@dataclass
+class Joined:
+    member_id: str
+    generation: int
+    assignment: list[int]
+    #: where to read each assigned partition: the committed offset, else the log start
+    #: (``from_start``) or the high watermark
+    positions: dict[int, int]
+
+
+async def join_group(
+    engine: StreamEngine,
+    topic: str,
+    group: str,
+    member_id: str = "",
+    *,
+    session_timeout: float = 10.0,
+    from_start: bool = True,
+    client_id: str = "conveyor-python",
+    client_host: str = "",
+) -> Joined:
+    """Join (or rejoin) ``group`` as a conveyor consumer of ``topic``: Kafka's join and
+    sync with this client's protocol type (``conveyor``); the elected leader assigns
+    partitions round robin over the sorted member ids. Shared by the embedded consumer
+    and the HTTP route remote consumers call."""
+    groups = engine.groups
+    while True:
+        res = await groups.join(
+            group,
+            member_id,
+            protocol_type="conveyor",
+            protocols=[("range", topic.encode())],
+            session_timeout_ms=int(session_timeout * 1000),
+            client_id=client_id,
+            client_host=client_host,
+        )
+        if res.error != NONE:
+            if res.error == REBALANCE_IN_PROGRESS:
+                continue
+            raise GroupError(res.error, f"joining group {group!r} failed")
+        member_id = res.member_id
+        assignments: dict[str, bytes] = {}
+        if res.members:
+            ids = sorted(m for m, _, _ in res.members)
+            n = engine.get_topic(topic).partitions
+            for i, mid in enumerate(ids):
+                assignments[mid] = json.dumps(list(range(i, n, len(ids)))).encode()
+        code, data = await groups.sync(group, res.generation, member_id, assignments)
+        if code == REBALANCE_IN_PROGRESS:
+            continue
+        if code != NONE:
+            raise GroupError(code, f"syncing group {group!r} failed")
+        assignment: list[int] = json.loads(data) if data else []
+        positions: dict[int, int] = {}
+        for p in assignment:
+            got = engine.committed(group, topic, p)
+            if got is not None:
+                positions[p] = got[0]
+            else:
+                off = engine.offsets(topic, p)
+                positions[p] = off.log_start if from_start else off.high_watermark
+        return Joined(member_id, res.generation, assignment, positions)
+
 
 class AsyncStreamConsumer:
     """A member of a consumer group: gets some partitions, reads them from the group's
@@ -203,45 +366,22 @@ class AsyncStreamConsumer:
         await self.close()
 
     async def join(self) -> None:
-        while True:
-            res = await self._groups.join(
+        try:
+            joined = await join_group(
+                self.stream.engine,
+                self.stream.name,
                 self.group,
                 self.member_id,
-                protocol_type="conveyor",
-                protocols=[("range", self.stream.name.encode())],
-                session_timeout_ms=int(self.session_timeout * 1000),
-                client_id="conveyor-python",
+                session_timeout=self.session_timeout,
+                from_start=self.from_start,
             )
-            if res.error != NONE:
-                if res.error == REBALANCE_IN_PROGRESS:
-                    continue
-                self.member_id = ""
-                raise GroupError(res.error, f"joining group {self.group!r} failed")
-            self.member_id = res.member_id
-            self.generation = res.generation
-            assignments: dict[str, bytes] = {}
-            if res.members:
-                ids = sorted(m for m, _, _ in res.members)
-                n = self.stream.partitions
-                for i, mid in enumerate(ids):
-                    assignments[mid] = json.dumps(list(range(i, n, len(ids)))).encode()
-            code, data = await self._groups.sync(
-                self.group, self.generation, self.member_id, assignments
-            )
-            if code == REBALANCE_IN_PROGRESS:
-                continue
-            if code != NONE:
-                raise GroupError(code, f"syncing group {self.group!r} failed")
-            self.assignment = json.loads(data) if data else []
-            self.positions = {}
-            for p in self.assignment:
-                got = self.stream.engine.committed(self.group, self.stream.name, p)
-                if got is not None:
-                    self.positions[p] = got[0]
-                else:
-                    off = self.stream.engine.offsets(self.stream.name, p)
-                    self.positions[p] = off.log_start if self.from_start else off.high_watermark
-            return
+        except GroupError:
+            self.member_id = ""
+            raise
+        self.member_id = joined.member_id
+        self.generation = joined.generation
+        self.assignment = joined.assignment
+        self.positions = joined.positions
 
     async def _check(self) -> None:
         code = self._groups.heartbeat(self.group, self.generation, self.member_id)
@@ -302,9 +442,9 @@ class _Runner(Protocol):
 
 
 class Stream:
-    """Blocking wrapper of AsyncStream (``conveyor.connect(...).stream(name)``)."""
+    """Blocking wrapper of AsyncStream or RemoteStream (``conveyor.connect(...).stream(name)``)."""
 
-    def __init__(self, lt: _Runner, s: AsyncStream) -> None:
+    def __init__(self, lt: _Runner, s: AsyncStream | RemoteStream) -> None:
         self._lt = lt
         self._s = s
         self.name = s.name
@@ -337,9 +477,19 @@ class Stream:
     def delete(self) -> None:
         self._lt.call(self._s.delete())
 
+    def feed(self, queue: Any, *, key: str = "header", start: str = "start") -> None:
+        """See AsyncStream.feed: this stream's records become messages on ``queue``."""
+        self._lt.call(self._s.feed(_queue_name(queue), key=key, start=start))
+
+    def unfeed(self, queue: Any) -> None:
+        self._lt.call(self._s.unfeed(_queue_name(queue)))
+
+    def bridges(self) -> list[dict[str, Any]]:
+        return self._lt.call(self._s.bridges())
+
 
 class StreamConsumer:
-    def __init__(self, lt: _Runner, c: AsyncStreamConsumer) -> None:
+    def __init__(self, lt: _Runner, c: AsyncStreamConsumer | RemoteStreamConsumer) -> None:
         self._lt = lt
         self._c = c
 

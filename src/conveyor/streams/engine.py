@@ -26,7 +26,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -150,6 +150,8 @@ class StreamEngine:
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._closed = False
+        #: Called with a topic's name after it was deleted (bridges drop theirs).
+        self.deleted_callbacks: list[Callable[[str], None]] = []
 
     # -- lifecycle -----------------------------------------------------------------------
     @classmethod
@@ -326,6 +328,11 @@ class StreamEngine:
             await asyncio.get_running_loop().run_in_executor(
                 None, lambda: shutil.rmtree(grave, ignore_errors=True)
             )
+        for cb in list(self.deleted_callbacks):
+            try:
+                cb(name)
+            except Exception:
+                log.exception("topic-deleted callback failed")
 
     # -- produce -------------------------------------------------------------------------
     async def append(self, topic: str, partition: int, records: bytes) -> int:
@@ -378,7 +385,7 @@ class StreamEngine:
         marks: list[tuple[plog.Segment, int]],
         upto: int,
     ) -> None:
-        await syncer.run(lambda rnd: rnd.fsync(fds))
+        await syncer.fsync(fds)
         if part.mark_durable(marks, upto):
             self._wake((topic, partition))
 
@@ -487,6 +494,30 @@ class StreamEngine:
             return int(row[0])
 
         return await syncer.run(bump)
+
+    # -- bridge table (conveyor.streams.bridges) ----------------------------------------
+    async def load_bridges(self) -> list[tuple[str, str]]:
+        """(id, JSON spec) of every stored bridge."""
+        syncer = self._check_open()
+
+        def load(rnd: Round) -> list[tuple[str, str]]:
+            return list(rnd.db.execute("SELECT id, spec FROM bridges ORDER BY id"))
+
+        return await syncer.run(load)
+
+    async def save_bridge(self, bridge_id: str, spec: str) -> None:
+        syncer = self._check_open()
+        await syncer.run(
+            lambda rnd: rnd.db.execute(
+                "INSERT OR REPLACE INTO bridges (id, spec) VALUES (?, ?)", (bridge_id, spec)
+            )
+        )
+
+    async def delete_bridge(self, bridge_id: str) -> None:
+        syncer = self._check_open()
+        await syncer.run(
+            lambda rnd: rnd.db.execute("DELETE FROM bridges WHERE id = ?", (bridge_id,))
+        )
 
     # -- retention -----------------------------------------------------------------------
     def enforce_retention(self, now_ms: int | None = None) -> int:

@@ -43,3 +43,14 @@ class ProducerFenced(ConveyorError):
     def __init__(self, kafka_code: int, message: str) -> None:
         super().__init__(message)
         self.kafka_code = kafka_code
+
+
+def _register() -> None:
+    """Let remote clients raise these classes from the codes a server answers with."""
+    from conveyor.errors import BY_CODE
+
+    for cls in (TopicNotFound, PartitionNotFound, TopicExists, OffsetOutOfRange, CorruptRecords):
+        BY_CODE.setdefault(cls.code, cls)
+
+
+_register()

@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS offsets (
     PRIMARY KEY (grp, topic, part)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS bridges (id TEXT PRIMARY KEY, spec TEXT NOT NULL) WITHOUT ROWID;
 """
 
 
@@ -47,6 +48,19 @@ class Round:
 
     def fsync(self, fds: list[int]) -> None:
         self.fds.update(fds)
+
+
+class _Fsync:
+    """A job that only names files to fsync: no database work, so a round made of
+    these (every produce at ``fsync``) skips SQLite's BEGIN/SAVEPOINT/COMMIT."""
+
+    __slots__ = ("fds",)
+
+    def __init__(self, fds: list[int]) -> None:
+        self.fds = fds
+
+    def __call__(self, rnd: Round) -> None:
+        rnd.fds.update(self.fds)
 
 
 _Job = tuple[Callable[[Round], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
@@ -73,6 +87,10 @@ class Syncer:
         fut: asyncio.Future[T] = loop.create_future()
         self._queue.put((fn, loop, fut))
         return await fut
+
+    async def fsync(self, fds: list[int]) -> None:
+        """Return once these files were fsynced (shares the round's fsyncs)."""
+        await self.run(_Fsync(fds))
 
     def close(self) -> None:
         if self._closed:
@@ -119,8 +137,14 @@ class Syncer:
     def _round(self, db: sqlite3.Connection, jobs: list[_Job]) -> None:
         rnd = Round(db)
         outcomes: list[tuple[bool, Any]] = []
-        db.execute("BEGIN")
+        use_db = not all(isinstance(fn, _Fsync) for fn, _, _ in jobs)
+        if use_db:
+            db.execute("BEGIN")
         for fn, _, _ in jobs:
+            if isinstance(fn, _Fsync):
+                rnd.fds.update(fn.fds)
+                outcomes.append((True, None))
+                continue
             try:
                 db.execute("SAVEPOINT job")
                 outcomes.append((True, fn(rnd)))
@@ -131,7 +155,8 @@ class Syncer:
                 outcomes.append((False, exc))
         failure: BaseException | None = None
         try:
-            db.execute("COMMIT")
+            if use_db:
+                db.execute("COMMIT")
             if self.durability == "fsync":
                 for fd in rnd.fds:
                     os.fsync(fd)

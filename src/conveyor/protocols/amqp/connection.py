@@ -9,16 +9,21 @@ Rules it enforces (everything else is the server's business):
 * The 8-byte protocol header must be ``AMQP 0 0 9 1``; otherwise the header we speak is
   written back and the connection ends (:class:`ConnectionTerminated`).
 * Handshake on channel 0: Start -> StartOk (PLAIN or AMQPLAIN, checked by the
-  ``authenticate`` callable) -> Tune -> TuneOk -> Open (checked by ``vhost_allowed``).
-  Nothing but that sequence is accepted before the connection is open.
+  ``authenticate`` callable) -> Tune -> TuneOk -> Open (checked by ``open_refusal``,
+  or ``vhost_allowed``). Nothing but that sequence is accepted before the connection is
+  open.
 * Frames larger than the negotiated ``frame_max`` are a 501 FRAME_ERROR; a broken
   frame-end octet or an unknown frame type too. Undecodable methods are 502; methods
   a client may not send are 503; channel misuse is 504; a content frame out of place
   is 505. These close the connection (hard errors); the server reports soft errors
   with :meth:`close_channel`.
-* Channels must be opened before use and are numbered 1..channel_max. A channel the
+* Channels must be opened before use; as in RabbitMQ, at most ``channel_max`` may be
+  open at once (any number 1..65535), one more is 530 NOT_ALLOWED. A channel the
   server closed ignores every frame but Channel.Close/CloseOk until the client
   answers; then the number may be opened again.
+* A content header announcing a body larger than ``max_message_size`` closes the
+  channel with 406 PRECONDITION_FAILED (RabbitMQ's text) without buffering the body;
+  its body frames are skipped (:class:`ChannelClosed` with ``by_peer=False``).
 * Basic.Publish, its content header and body frames are assembled into one
   :class:`MessageReceived` (bodies split at any size are joined).
 * Heartbeats: :meth:`heartbeat_tick` is called by the server every half interval; it
@@ -273,14 +278,20 @@ class ServerConnection:
         *,
         authenticate: Callable[[str, str], bool],
         vhost_allowed: Callable[[str, str], bool] = lambda user, vhost: vhost == "/",
+        open_refusal: Callable[[str, str], str | None] | None = None,
         product: str = "conveyor",
         version: str = "0",
         frame_max: int = DEFAULT_FRAME_MAX,
         channel_max: int = DEFAULT_CHANNEL_MAX,
         heartbeat: int = DEFAULT_HEARTBEAT,
+        max_message_size: int | None = None,
     ) -> None:
         self._authenticate = authenticate
         self._vhost_allowed = vhost_allowed
+        #: (user, vhost) -> None to accept Connection.Open, or the text of a 530 refusal.
+        self._open_refusal = open_refusal
+        #: Largest body accepted in a Basic.Publish (None: no limit).
+        self.max_message_size = max_message_size
         self._product = product
         self._version = version
         self.state = State.AWAIT_HEADER
@@ -538,13 +549,15 @@ class ServerConnection:
         elif state is State.AWAIT_TUNE_OK and isinstance(method, commands.Connection.TuneOk):
             self._tune_ok(method)
         elif state is State.AWAIT_OPEN and isinstance(method, commands.Connection.Open):
-            if not self._vhost_allowed(self.user, method.virtual_host):
-                raise RemoteProtocolError(
-                    NOT_ALLOWED,
-                    f"access to vhost '{method.virtual_host}' refused for user '{self.user}'",
-                    10,
-                    40,
-                )
+            vhost = method.virtual_host
+            if self._open_refusal is not None:
+                refusal = self._open_refusal(self.user, vhost)
+            elif not self._vhost_allowed(self.user, vhost):
+                refusal = f"access to vhost '{vhost}' refused for user '{self.user}'"
+            else:
+                refusal = None
+            if refusal is not None:
+                raise RemoteProtocolError(NOT_ALLOWED, refusal, 10, 40)
             self.vhost = method.virtual_host
             self.state = State.OPEN
             self.send_method(0, commands.Connection.OpenOk())
@@ -629,15 +642,14 @@ class ServerConnection:
             raise _unexpected(method)
         ch = self._channels.get(channel)
         if ch is None:
+            # RabbitMQ counts the channels (any number is fine) before anything else.
+            if self.channel_max and len(self._channels) >= self.channel_max:
+                raise RemoteProtocolError(
+                    NOT_ALLOWED,
+                    f"number of channels opened ({len(self._channels)}) has reached the "
+                    f"negotiated channel_max ({self.channel_max})",
+                )
             if isinstance(method, commands.Channel.Open):
-                if channel > self.channel_max:
-                    raise RemoteProtocolError(
-                        NOT_ALLOWED,
-                        f"channel number {channel} exceeds the negotiated channel_max "
-                        f"({self.channel_max})",
-                        20,
-                        10,
-                    )
                 self._channels[channel] = _Channel()
                 self.send_method(channel, commands.Channel.OpenOk())
                 events.append(ChannelOpened(channel))
@@ -706,6 +718,18 @@ class ServerConnection:
             raise RemoteProtocolError(
                 SYNTAX_ERROR, "content header could not be decoded", 60, 40
             ) from error
+        limit = self.max_message_size
+        if limit is not None and body_size > limit:
+            # As RabbitMQ (which says so once the body is in): the channel closes; the
+            # body frames still on their way are skipped by the closing channel.
+            text = (
+                f"PRECONDITION_FAILED - message size {body_size} is larger than configured "
+                f"max size {limit}"
+            )
+            ch.properties = None
+            self.close_channel(channel, PRECONDITION_FAILED, text, 60, 40)
+            events.append(ChannelClosed(channel, False, PRECONDITION_FAILED, text))
+            return
         ch.properties = header
         ch.header = payload
         ch.body_size = body_size

@@ -24,6 +24,7 @@ _STATUS: tuple[tuple[type[errors.ConveyorError], int], ...] = (
     (errors.ReceiptInvalid, 409),
     (errors.Conflict, 409),
     (errors.QueueFull, 429),
+    (errors.LimitExceeded, 403),
     (errors.Unroutable, 422),
     (errors.Unauthorized, 401),
     (errors.StoreFull, 507),

@@ -12,6 +12,7 @@ from conveyor.protocols.kafka.codec import (
     UnsupportedRequest,
     api_versions_response,
     decode_request,
+    encode_fetch_response,
     encode_response,
 )
 
@@ -23,5 +24,6 @@ __all__ = [
     "UnsupportedRequest",
     "api_versions_response",
     "decode_request",
+    "encode_fetch_response",
     "encode_response",
 ]

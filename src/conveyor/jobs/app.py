@@ -32,6 +32,7 @@ import msgspec
 
 from conveyor import errors
 from conveyor.client.aio import AsyncConnection
+from conveyor.jobs import retention
 from conveyor.jobs import state as st
 from conveyor.jobs.names import Names
 from conveyor.jobs.options import (
@@ -101,6 +102,9 @@ class TaskOptions:
     #: Run in the worker's process pool (CPU-bound work). The function must be
     #: importable by module and name.
     process: bool = False
+    #: Removal policies for the records of completed / failed jobs (None: the App's).
+    remove_on_complete: retention.Policy | None = None
+    remove_on_fail: retention.Policy | None = None
 
 
 class Task(Generic[P, R]):
@@ -308,12 +312,19 @@ class App:
         connection: AsyncConnection | None = None,
         serializer: Format = "json",
         result_ttl: float = 86400.0,
+        remove_on_complete: retention.RemovalOption = None,
+        remove_on_fail: retention.RemovalOption = None,
         events: bool = True,
         visibility_timeout: float = 30.0,
         connect_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.name = name
         self.names = Names(name, result_ttl)
+        #: Defaults for tasks that set no removal policy of their own (see
+        #: conveyor.jobs.retention): int N keeps the newest N per task, float keeps for
+        #: that many seconds, False / None: only ``result_ttl``.
+        self.remove_on_complete = retention.parse(remove_on_complete, "remove_on_complete")
+        self.remove_on_fail = retention.parse(remove_on_fail, "remove_on_fail")
         self.url = url
         self.serializer = Serializer(serializer)
         self.events_enabled = events
@@ -450,6 +461,8 @@ class App:
         keep_result: bool = True,
         priority: int = 0,
         process: bool = False,
+        remove_on_complete: retention.RemovalOption = None,
+        remove_on_fail: retention.RemovalOption = None,
     ) -> _TaskDecorator: ...
     def task(  # type: ignore[misc]
         self,
@@ -464,8 +477,14 @@ class App:
         keep_result: bool = True,
         priority: int = 0,
         process: bool = False,
+        remove_on_complete: retention.RemovalOption = None,
+        remove_on_fail: retention.RemovalOption = None,
     ) -> Any:
-        """Register a function (sync or async) as a task."""
+        """Register a function (sync or async) as a task.
+
+        ``remove_on_complete`` / ``remove_on_fail``: which records of finished jobs to
+        keep -- an int N: the newest N of this task; a float: for that many seconds;
+        True: none; False: all (until ``result_ttl``); None: the App's default."""
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         opts = TaskOptions(
@@ -476,6 +495,8 @@ class App:
             keep_result=keep_result,
             priority=priority,
             process=process,
+            remove_on_complete=retention.parse(remove_on_complete, "remove_on_complete"),
+            remove_on_fail=retention.parse(remove_on_fail, "remove_on_fail"),
         )
 
         def register(f: Callable[..., Any]) -> Task[Any, Any]:
@@ -645,6 +666,30 @@ class App:
     async def _status_queue(self, job_id: str) -> Any:
         return await self.runtime().queue(self.names.status(job_id), st.status_options(self.names))
 
+    def removal_policy(self, task: str, outcome: str) -> retention.Policy:
+        """The removal policy for records of ``task``'s jobs that ended in ``outcome``
+        ("completed" or "failed")."""
+        t = self.tasks.get(task)
+        if outcome == "completed":
+            return retention.resolve(t.opts.remove_on_complete if t else None,
+                                     self.remove_on_complete)  # fmt: skip
+        return retention.resolve(t.opts.remove_on_fail if t else None, self.remove_on_fail)
+
+    async def _send_status(self, rec: st.StatusRecord, *, final: bool = False) -> None:
+        """Store ``rec`` as the job's latest record. ``final``: the job ended (completed
+        or failed); its task's removal policy applies (age: the record's TTL; count:
+        an entry in the task's index)."""
+        policy = self.removal_policy(rec.task, rec.state) if final else retention.OFF
+        body = st.encode(rec)
+        try:
+            await (await self._status_queue(rec.job_id)).send(body, ttl=policy.age)
+        except errors.QueueNotFound:
+            # Removed (or expired) since this runtime declared it: the job ran again.
+            self.runtime().forget(self.names.status(rec.job_id))
+            await (await self._status_queue(rec.job_id)).send(body, ttl=policy.age)
+        if policy.count is not None:
+            await retention.index(self, rec.task, rec, policy.count)
+
     async def _record(self, job_id: str) -> st.StatusRecord | None:
         try:
             q = await self.runtime().conn.get_queue(self.names.status(job_id))
@@ -665,17 +710,25 @@ class App:
         held: list[Any] = []
         try:
             while True:
-                recs = await q.peek(10)
-                if recs:
-                    rec = st.decode_status(max(recs, key=lambda d: d.sequence).body)
-                    if rec.state in st.TERMINAL:
-                        return rec
-                left = None if deadline is None else deadline - loop.time()
-                if left is not None and left <= 0:
-                    raise TimeoutError(f"job {job_id} did not finish within {timeout} s")
-                wait = slice_ if left is None else min(slice_, left)
-                # Hold non-final records leased so the next poll waits for a new one.
-                got = await q.receive(10, wait=wait, visibility_timeout=wait + 30)
+                try:
+                    recs = await q.peek(10)
+                    if recs:
+                        rec = st.decode_status(max(recs, key=lambda d: d.sequence).body)
+                        if rec.state in st.TERMINAL:
+                            return rec
+                    left = None if deadline is None else deadline - loop.time()
+                    if left is not None and left <= 0:
+                        raise TimeoutError(f"job {job_id} did not finish within {timeout} s")
+                    wait = slice_ if left is None else min(slice_, left)
+                    # Hold non-final records leased so the next poll waits for a new one.
+                    got = await q.receive(10, wait=wait, visibility_timeout=wait + 30)
+                except errors.QueueNotFound:
+                    # Removed by a removal policy, or expired: its record is gone. Wait
+                    # on a fresh queue (the job may run again) until the deadline.
+                    held.clear()
+                    self.runtime().forget(q.name)
+                    q = await self._status_queue(job_id)
+                    continue
                 for m in got:
                     rec = st.decode_status(m.body)
                     if rec.state in st.TERMINAL:

@@ -187,10 +187,10 @@ async def parent_failed(app: App, link: FlowLink, child_id: str, error: str) -> 
         error=f"child {child_id} failed: {error}",
         error_type="ChildFailed",
     )
-    sq = await app._status_queue(link.parent_id)
-    await sq.send(st.encode(rec))
     env = Serializer(fmt_of(link.parent_content_type)).decode_envelope(
         link.parent_body, link.parent_content_type
     )
+    rec.task = env.task
+    await app._send_status(rec, final=True)
     if env.parent is not None:
         await parent_failed(app, env.parent, link.parent_id, rec.error or "")

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 _SAFE = re.compile(r"^[A-Za-z0-9_\-:@]{1,80}$")
+_SAFE_TASK = re.compile(r"^[A-Za-z0-9_\-:@.]{1,120}$")
 
 
 def key_part(key: str) -> str:
@@ -54,3 +55,12 @@ class Names:
 
     def flow(self, parent_id: str) -> str:
         return f"{self.prefix}.flow.{parent_id}"
+
+    def keep(self, outcome: str, task: str) -> str:
+        """Index of the newest finished jobs of ``task`` ("keep the last N")."""
+        part = task if _SAFE_TASK.match(task) else key_part(task)
+        return f"{self.prefix}.keep.{outcome}.{part}"
+
+    def remove_queue(self) -> str:
+        """Job ids dropped from the indexes: their status queues are to be deleted."""
+        return f"{self.prefix}.keep.remove"

@@ -106,6 +106,19 @@ class Runtime:
             self._queues[name] = q
         return q
 
+    async def queue_updated(self, name: str, options: dict[str, Any]) -> AsyncQueue:
+        """Like ``queue``, but a queue declared with other options (an older setting) is
+        updated to ``options`` (the first time this runtime uses it)."""
+        q = self._queues.get(name)
+        if q is None:
+            try:
+                q = await self.conn.queue(name, **options)
+            except QueueExists:
+                q = await self.conn.get_queue(name)
+                await q.update(**options)
+            self._queues[name] = q
+        return q
+
     def forget(self, name: str) -> None:
         self._queues.pop(name, None)
 

@@ -32,7 +32,7 @@ import msgspec
 
 from conveyor import errors
 from conveyor.client.aio import AsyncQueue
-from conveyor.jobs import flows
+from conveyor.jobs import flows, retention
 from conveyor.jobs import state as st
 from conveyor.jobs.app import App, QueueConfig, Task
 from conveyor.jobs.context import JobContext, reporter, set_current
@@ -181,6 +181,7 @@ class Worker:
             self._lanes[name] = lane
         if app.events_enabled:
             await rt.exchange(app.names.events(), "topic")
+        self._remove_q = await retention.remove_queue(app)
         poll = self.poll if self.poll is not None else (5.0 if app.remote else 0.5)
         if self.burst:
             poll = min(poll, 0.1)
@@ -191,6 +192,7 @@ class Worker:
         helpers = [
             asyncio.create_task(self._heartbeat(), name="jobs-heartbeat"),
             asyncio.create_task(self._publish_events(), name="jobs-events"),
+            asyncio.create_task(self._remover(), name="jobs-remover"),
         ]
         helpers += [asyncio.create_task(self._acker(lane)) for lane in self._lanes.values()]
         if self.schedules and app.schedules and not self.burst:
@@ -296,12 +298,27 @@ class Worker:
             await asyncio.sleep(self._poll)
             if self._jobs or not all(lane.idle for lane in lanes):
                 continue
-            if all([await self._empty(lane) for lane in lanes]) and not self._jobs:
+            queues = [lane.queue for lane in lanes] + [self._remove_q]
+            if all([await self._empty(q) for q in queues]) and not self._jobs:
                 return
 
-    async def _empty(self, lane: _Lane) -> bool:
-        s = await lane.queue.stats()
+    async def _empty(self, queue: AsyncQueue) -> bool:
+        s = await queue.stats()
         return s.ready + s.delayed + s.in_flight == 0
+
+    async def _remover(self) -> None:
+        """Delete the status queues of jobs dropped from "keep the last N" indexes
+        (conveyor.jobs.retention); every worker of the app takes a share."""
+        q = self._remove_q
+        while True:
+            try:
+                got = await q.receive(100, wait=self._poll)
+                if got:
+                    await retention.remove(self.app, got)
+                    await q.ack_batch(got)
+            except errors.ConveyorError:
+                log.exception("removing finished jobs' records failed")
+                await asyncio.sleep(self._poll)
 
     # -- running one job ----------------------------------------------------------------
     async def _run(self, lane: _Lane, msg: Any) -> None:
@@ -445,7 +462,7 @@ class Worker:
                 state=outcome, job_id=env.id, task=env.task, queue=lane.cfg.name,
                 at=time.time(), attempts=attempt, result=raw, progress=progress,
             )  # fmt: skip
-            await (await app._status_queue(env.id)).send(st.encode(rec))
+            await app._send_status(rec, final=outcome == "completed")
         if outcome == "completed":
             self._event(lane, "completed", env, attempt, result=raw)
             if env.parent is not None:
@@ -517,7 +534,7 @@ class Worker:
                     at=time.time(), attempts=attempt, error=str(exc)[:2000],
                     error_type=etype, traceback=tb,
                 )  # fmt: skip
-                await (await app._status_queue(env.id)).send(st.encode(rec))
+                await app._send_status(rec, final=True)
             self._event(lane, "failed", env, attempt, error=_describe(exc))
             if env.parent is not None:
                 await flows.parent_failed(app, env.parent, env.id, _describe(exc))
@@ -555,7 +572,7 @@ class Worker:
                 state="active", job_id=env.id, task=env.task, queue=lane.cfg.name,
                 at=time.time(), progress=value,
             )  # fmt: skip
-            await (await self.app._status_queue(env.id)).send(st.encode(rec))
+            await self.app._send_status(rec)
             self._event(lane, "progress", env, 0, progress=value)
         except Exception:
             log.exception("progress report for job %s failed", env.id)

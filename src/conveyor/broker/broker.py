@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 from collections.abc import Callable, Sequence
@@ -552,15 +553,19 @@ class Broker:
             raise errors.MessageTooLarge(
                 f"message body is {len(body)} bytes; the limit for queue {q.name!r} is {limit}"
             )
-        if isinstance(msg.priority, bool) or not isinstance(msg.priority, int):
+        opts = q.options
+        priority = msg.priority
+        if priority.__class__ is not int:  # bool is an int subclass: refuse it too
             raise errors.InvalidArgument("priority must be an integer")
-        priority = min(max(msg.priority, 0), q.options.max_priority)
-        delay = check_seconds("delay", msg.delay, MAX_DELAY)
-        if delay is None:
-            delay = q.options.delay
-        ttl = check_seconds("ttl", msg.ttl, MAX_DELAY)
-        if q.options.message_ttl is not None:
-            ttl = q.options.message_ttl if ttl is None else min(ttl, q.options.message_ttl)
+        if priority < 0:
+            priority = 0
+        elif priority > opts.max_priority:
+            priority = opts.max_priority
+        delay = opts.delay if msg.delay is None else check_seconds("delay", msg.delay, MAX_DELAY)
+        assert delay is not None
+        ttl = None if msg.ttl is None else check_seconds("ttl", msg.ttl, MAX_DELAY)
+        if opts.message_ttl is not None:
+            ttl = opts.message_ttl if ttl is None else min(ttl, opts.message_ttl)
         if msg.dedup_id is not None and (
             not isinstance(msg.dedup_id, str) or not 0 < len(msg.dedup_id) <= 128
         ):
@@ -568,21 +573,29 @@ class Broker:
         group = msg.group_id
         if group is not None and (not isinstance(group, str) or not 0 < len(group) <= 128):
             raise errors.InvalidArgument("group_id must be a string of 1 to 128 characters")
-        if q.options.fifo and group is None:
+        if opts.fifo and group is None:
             group = ""  # a FIFO queue without groups is one strictly ordered group
-        if not isinstance(msg.headers, dict) or not all(isinstance(k, str) for k in msg.headers):
-            raise errors.InvalidArgument("headers must be a mapping with string keys")
-        try:
-            meta = _encode(
-                Meta(
-                    headers=msg.headers,
-                    properties=msg.properties,
-                    exchange=exchange,
-                    routing_key=key,
+        headers = msg.headers
+        if not headers and headers.__class__ is dict and msg.properties == _NO_PROPERTIES:
+            # The common case (no headers, no properties): the blob depends only on
+            # where the message was published, so encode it once per route.
+            meta = _plain_meta(exchange, key)
+        else:
+            if not isinstance(headers, dict) or not all(isinstance(k, str) for k in headers):
+                raise errors.InvalidArgument("headers must be a mapping with string keys")
+            try:
+                meta = _encode(
+                    Meta(
+                        headers=headers,
+                        properties=msg.properties,
+                        exchange=exchange,
+                        routing_key=key,
+                    )
                 )
-            )
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise errors.InvalidArgument(f"headers or properties cannot be stored: {exc}") from None
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise errors.InvalidArgument(
+                    f"headers or properties cannot be stored: {exc}"
+                ) from None
         state = DELAYED if delay > 0 else READY
         return NewRow(
             state,
@@ -1319,6 +1332,14 @@ def _count(name: str, n: int) -> int:
     return n
 
 
+_NO_PROPERTIES = Properties()
+
+
+@functools.lru_cache(maxsize=4096)
+def _plain_meta(exchange: str, key: str) -> bytes:
+    return _encode(Meta(exchange=exchange, routing_key=key))
+
+
 def _parse_all(receipts: Sequence[str]) -> tuple[list[tuple[int, int]], set[str]]:
     if len(receipts) > MAX_BATCH:
         raise errors.InvalidArgument(f"a batch holds at most {MAX_BATCH} receipts")
@@ -1338,7 +1359,12 @@ def _ack_result(
     bad: set[str],
     done: set[int],
 ) -> AckResult:
-    failed = [r for r in receipts if r in bad or parse_receipt(r)[0] not in done]
+    # ``leases`` holds the parsed receipts in order, skipping the malformed ones.
+    failed: list[str] = []
+    it = iter(leases)
+    for r in receipts:
+        if r in bad or next(it)[0] not in done:
+            failed.append(r)
     return AckResult(ok=len(receipts) - len(failed), failed=failed)
 
 

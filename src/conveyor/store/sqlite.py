@@ -602,10 +602,9 @@ class _SqliteBackend:
         # here we fsync them -- what synchronous=FULL does, but skipped for rounds made
         # only of relaxed scripts. The WAL is written in order, so this fsync also makes
         # every earlier relaxed commit durable.
+        # SQLite deletes the WAL only when its last connection closes, and this
+        # connection stays open for the store's life: the file opened once stays it.
         assert self.wal is not None
-        if self.wal_fd is not None and os.fstat(self.wal_fd).st_ino != _inode(self.wal):
-            os.close(self.wal_fd)  # the WAL was recreated; follow the new file
-            self.wal_fd = None
         if self.wal_fd is None:
             self.wal_fd = os.open(self.wal, os.O_RDONLY)
         # fdatasync, as SQLite itself uses on Linux: the data and the file size, without
@@ -650,13 +649,6 @@ class _SqliteBackend:
 
     def translate(self, exc: Exception) -> ConveyorError:
         return translate(exc)
-
-
-def _inode(path: str) -> int:
-    try:
-        return os.stat(path).st_ino
-    except FileNotFoundError:
-        return -1
 
 
 def translate(exc: Exception) -> ConveyorError:

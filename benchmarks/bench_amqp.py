@@ -1,6 +1,8 @@
 """AMQP throughput: conveyor vs the RabbitMQ on this machine, same clients, one run.
 
-    python benchmarks/bench_amqp.py [--messages 20000] [--durability fsync]
+    python benchmarks/bench_amqp.py [--messages 20000] [--durability fsync] [--rounds 3]
+
+Writes benchmarks/results/amqp.md (medians of alternating rounds).
 
 Persistent messages (delivery_mode 2), publisher confirms, manual acks, prefetch 1000,
 100-byte bodies. For each client (aio-pika, pika) and each server: publish msg/s (all
@@ -17,6 +19,7 @@ import argparse
 import asyncio
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,6 +31,7 @@ import aio_pika
 import pika
 
 BODY = b"x" * 100
+RESULTS = Path(__file__).resolve().parent / "results"
 SERVER = """
 import asyncio, sys
 from conveyor.broker import Broker
@@ -175,30 +179,57 @@ def main() -> None:
     parser.add_argument("--pika-messages", type=int, default=5000)
     parser.add_argument("--window", type=int, default=1000)
     parser.add_argument("--durability", default="fsync", choices=["fsync", "os", "none"])
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="conveyor and RabbitMQ alternate this many times; medians are reported",
+    )
     args = parser.parse_args()
-    results: dict[str, dict[str, float]] = {}
+    # fsync latency on a shared machine swings widely from minute to minute: alternate
+    # the two brokers round by round and compare medians, not one run of each.
+    samples: dict[str, dict[str, list[float]]] = {"conveyor": {}, "rabbitmq": {}}
     with tempfile.TemporaryDirectory() as data:
         proc, port = start_conveyor(data, args.durability)
         try:
-            results["conveyor"] = run(
-                "127.0.0.1", port, args.messages, args.pika_messages, args.window
-            )
+            for _ in range(args.rounds):
+                got = run("127.0.0.1", port, args.messages, args.pika_messages, args.window)
+                for k, v in got.items():
+                    samples["conveyor"].setdefault(k, []).append(v)
+                if rabbit_up():
+                    got = run("127.0.0.1", 5672, args.messages, args.pika_messages, args.window)
+                    for k, v in got.items():
+                        samples["rabbitmq"].setdefault(k, []).append(v)
         finally:
             proc.terminate()
             proc.wait(10)
-    if rabbit_up():
-        results["rabbitmq"] = run("127.0.0.1", 5672, args.messages, args.pika_messages, args.window)
-    print(
+    head = (
         f"{args.messages} msgs (pika {args.pika_messages}), 100-byte bodies, persistent, "
-        f"confirms, manual acks, prefetch 1000; conveyor durability={args.durability}"
+        f"confirms, manual acks, prefetch 1000; conveyor durability={args.durability};"
+        f" median of {args.rounds} alternating rounds"
     )
+    lines = [
+        "# AMQP: conveyor vs the RabbitMQ on this machine",
+        "",
+        f"Command: `python benchmarks/bench_amqp.py --rounds {args.rounds}"
+        f" --durability {args.durability}`. {head}.",
+        "",
+        "| client / operation | conveyor msg/s | RabbitMQ msg/s | ratio | conveyor runs |",
+        "|---|---:|---:|---:|---|",
+    ]
+    print(head)
     print(f"{'':24}{'conveyor':>12}{'rabbitmq':>12}{'ratio':>8}")
-    for key in results["conveyor"]:
-        ours = results["conveyor"][key]
-        theirs = results.get("rabbitmq", {}).get(key)
+    for key, values in samples["conveyor"].items():
+        ours = statistics.median(values)
+        theirs_all = samples["rabbitmq"].get(key)
+        theirs = statistics.median(theirs_all) if theirs_all else None
         ratio = f"{ours / theirs:.2f}x" if theirs else "-"
         shown = f"{theirs:,.0f}" if theirs else "-"
         print(f"{key:24}{ours:>12,.0f}{shown:>12}{ratio:>8}")
+        runs = ", ".join(f"{v:,.0f}" for v in values)
+        lines.append(f"| {key} | {ours:,.0f} | {shown} | {ratio} | {runs} |")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "amqp.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

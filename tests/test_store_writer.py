@@ -120,3 +120,30 @@ def test_processes_opening_and_declaring_at_once(tmp_path: Path) -> None:
             await broker.close()
 
     asyncio.run(check())
+
+
+async def test_two_processes_on_one_directory_see_each_other(tmp_path: Path) -> None:
+    """Two brokers on one directory stand for two programs sharing it: a send by one
+    wakes a long poll of the other (on its next timer round), and an exchange declared
+    by one can be published to through the other."""
+    folder = str(tmp_path / "d")
+    a = await Broker.open(folder)
+    b = await Broker.open(folder)
+    try:
+        await a.declare_queue("q")
+        await b.declare_queue("q")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        poll = asyncio.create_task(b.receive("q", 1, wait=10))
+        await asyncio.sleep(0.2)
+        await a.send("q", NewMessage(body=b"from a"))
+        (got,) = await asyncio.wait_for(poll, 5)
+        assert got.body == b"from a"
+        assert loop.time() - started < 3  # a timer round (at most 1 s) after the send
+
+        await a.declare_exchange("events", "fanout")
+        await a.bind("events", "q")
+        assert (await b.publish("events", NewMessage(body=b"via b"))).routed == 1
+    finally:
+        await a.close()
+        await b.close()

@@ -140,6 +140,7 @@ class Broker:
         self._sync_task: asyncio.Task[None] | None = None  # catalog reload (shared stores)
         self._sync_again = False
         self._catalog_version = -1  # the store's catalog version the cache reflects
+        self._outside_changes: int | None = None  # see tick()
 
     # -- lifecycle ------------------------------------------------------------------------
     @classmethod
@@ -323,9 +324,9 @@ class Broker:
                     log.exception("queue-deleted callback failed")
 
     async def _catalog_miss(self, exchange: str) -> None:
-        """An exchange is not cached: on a shared store another node may have just
-        declared it, so reload before calling it missing."""
-        if self.store.shared and exchange and exchange not in self._exchanges:
+        """An exchange is not cached: another node or process sharing the store may
+        have just declared it, so reload before calling it missing."""
+        if exchange and exchange not in self._exchanges:
             await self._sync_catalog()
 
     # -- queue registry ---------------------------------------------------------------------
@@ -1182,15 +1183,25 @@ class Broker:
         by_id = {qid: q.ref for qid, q in self._by_id.items()}
         lookup, routing = self._lookup, self._routing
 
-        def script(tx: Tx) -> tuple[dict[int, int], dict[str, int], float | None]:
+        def script(tx: Tx) -> tuple[dict[int, int], dict[str, int], float | None, int]:
             ready = tx.promote_delayed(now)
             for qid, k in tx.expire_leases(now).items():
                 ready[qid] = ready.get(qid, 0) + k
             woken = scripts.expire(tx, now, by_id, lookup, routing)
             tx.forget_dedup(now)
-            return ready, woken, tx.next_due()
+            return ready, woken, tx.next_due(), tx.outside_changes()
 
-        ready, woken, next_due = await self.store.run(script, relaxed=True)
+        ready, woken, next_due, outside = await self.store.run(script, relaxed=True)
+        if outside != self._outside_changes:
+            first = self._outside_changes is None
+            self._outside_changes = outside
+            if not first and not self.store.shared:
+                # Another process wrote to this store (an embedded directory shared by
+                # several programs, or the CLI beside a server): its sends cannot wake
+                # our long polls and its catalog changes are not in our cache, so look
+                # again. (Shared stores such as PostgreSQL notify instead.)
+                self._remote_ready(None, 0)
+                self._remote_catalog()
         for qid, k in ready.items():
             q = self._by_id.get(qid)
             if q is not None:

@@ -223,6 +223,11 @@ class Tx(abc.ABC):
         """Add to one of the queue's totals: sent, received, acked, nacked, expired, dead."""
 
     # -- exchanges and bindings -------------------------------------------------------
+    def outside_changes(self) -> int:
+        """A number that changes when another connection (another process) commits
+        to the store; the broker polls it on each timer round. 0 if unknown."""
+        return 0
+
     def release_session_leases(self, min_token: int) -> int:
         """Return to READY every leased message whose lease token is at least
         ``min_token`` (leases held by connections); only called by the store's sole

@@ -531,6 +531,10 @@ class SqliteTx(Tx):
             LEASED,
         )
 
+    def outside_changes(self) -> int:
+        # Changes exactly when another connection has committed since we last asked.
+        return int(self.c.execute("PRAGMA data_version").fetchone()[0])
+
     def release_session_leases(self, min_token: int) -> int:
         per = self._promote(
             "UPDATE messages SET state=0, visible_at=NULL, lease_token=NULL"

@@ -398,6 +398,15 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         )
     except asyncio.CancelledError:
         raise
+    except ConnectionResetError as exc:
+        # The client went away while we read its request (or a shutdown closed an idle
+        # keep-alive connection): nobody is left to answer, and nothing was done.
+        log.info("%s %s: connection lost (%s)", request.method, request.path, exc)
+        # An answer aiohttp cannot deliver is dropped quietly; re-raising would make it
+        # log the disconnect as a server error with a traceback.
+        return web.Response(
+            status=400, body=error_body("connection_lost", str(exc)), content_type=JSON
+        )
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         return web.Response(

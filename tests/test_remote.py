@@ -74,9 +74,11 @@ def test_long_poll_wakes_on_send_from_another_client(srv: ServerProcess) -> None
     name = _name("lp")
     with conveyor.connect(srv.http_url) as a, conveyor.connect(srv.http_url) as b:
         qa, qb = a.queue(name), b.queue(name)
-        threading.Timer(0.3, lambda: qb.send("wake")).start()
+        sender = threading.Timer(0.3, lambda: qb.send("wake"))
+        sender.start()
         started = time.monotonic()
         got = qa.receive(wait=20)
+        sender.join()  # before the connections close under it
         assert [m.body for m in got] == [b"wake"]
         assert time.monotonic() - started < 5
 
@@ -169,8 +171,12 @@ async def test_calls_are_retried_until_the_server_is_back(tmp_path: Path) -> Non
         # the server goes away and comes back on the same port: the pooled keep-alive
         # connection is dead, an idempotent call reconnects
         srv.stop()
-        threading.Timer(0.2, srv.start).start()
+        restarter = threading.Timer(0.2, srv.start)
+        restarter.start()
         assert (await b.stats("q")).ready == 1
+        # start() returns once /healthz answers, which may be after the call above
+        # succeeded: let it finish before stopping the server under it.
+        restarter.join()
     finally:
         await b.close()
         srv.stop()

@@ -110,10 +110,12 @@ def test_long_poll_returns_when_a_message_arrives(
         time.sleep(0.3)
         httpx.post(f"{srv.http_url}/v1/queues/{queue}/messages", json={"body": "late"})
 
-    threading.Thread(target=later).start()
+    sender = threading.Thread(target=later)
+    sender.start()
     started = time.monotonic()
     r = http.post(f"/v1/queues/{queue}/receive", json={"wait": 20})
     elapsed = time.monotonic() - started
+    sender.join()
     assert [m["body"] for m in r.json()["messages"]] == ["late"]
     assert 0.2 < elapsed < 5
 

@@ -12,7 +12,6 @@ import asyncio
 import os
 import re
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -322,26 +321,6 @@ def test_malformed_requests_logged_once_a_second_without_traceback(srv: ServerPr
     assert "Traceback" not in out
     assert "ERROR aiohttp" not in out
     assert httpx.get(srv.http_url + "/healthz").status_code == 200
-
-
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    try:
-        res = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
-            capture_output=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        pytest.skip("cannot run mount here")
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode(errors='replace')}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=10)
 
 
 def test_disk_full_commits_logged_once_a_second(small_fs: Path) -> None:

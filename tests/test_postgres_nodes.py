@@ -10,8 +10,6 @@ all data.
 from __future__ import annotations
 
 import asyncio
-import os
-import secrets
 import signal
 import time
 from collections.abc import Iterator
@@ -21,21 +19,15 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.conftest import _pg_admin, pg_url_for
+from tests.conftest import new_pg_database
 
 from serverproc import ServerProcess
 
 
 @pytest.fixture(scope="module")
 def db_url() -> Iterator[str]:
-    admin = _pg_admin()
-    name = f"conveyor_nodes_{os.getpid()}_{secrets.token_hex(3)}"
-    admin.execute(f"CREATE DATABASE {name}")
-    try:
-        yield pg_url_for(name)
-    finally:
-        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.close()
+    with new_pg_database("conveyor_nodes") as url:
+        yield url
 
 
 def _start_all(nodes: list[ServerProcess]) -> None:
@@ -316,14 +308,8 @@ def test_restarting_every_node_keeps_all_data(nodes: list[ServerProcess]) -> Non
 
 @pytest.fixture
 def fresh_db() -> Iterator[str]:
-    admin = _pg_admin()
-    name = f"conveyor_fresh_{os.getpid()}_{secrets.token_hex(3)}"
-    admin.execute(f"CREATE DATABASE {name}")
-    try:
-        yield pg_url_for(name)
-    finally:
-        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.close()
+    with new_pg_database("conveyor_fresh") as url:
+        yield url
 
 
 def test_fifo_and_timers_with_two_nodes_in_process(fresh_db: str) -> None:
@@ -382,11 +368,7 @@ def test_a_newer_schema_is_refused(db_url: str, tmp_path: Path) -> None:
     from conveyor.errors import SchemaTooNew
     from conveyor.store.postgres import SCHEMA_VERSION, PostgresStore
 
-    name = f"conveyor_newer_{os.getpid()}_{secrets.token_hex(3)}"
-    admin = _pg_admin()
-    admin.execute(f"CREATE DATABASE {name}")
-    try:
-        url = pg_url_for(name)
+    with new_pg_database("conveyor_newer") as url:
         asyncio.run(PostgresStore(url, "os").close())  # creates the schema
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(
@@ -395,6 +377,3 @@ def test_a_newer_schema_is_refused(db_url: str, tmp_path: Path) -> None:
             )
         with pytest.raises(SchemaTooNew, match="Upgrade conveyor"):
             PostgresStore(url, "os")
-    finally:
-        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.close()

@@ -186,12 +186,10 @@ def lease(
                 else tx.lease(q.id, deliver, lease_until, token, now)
             )
             out.extend(got)
+        # Dead-lettered candidates leave the scan (for FIFO, a dead head exposes the
+        # next message of its group): look again for what is still wanted.
         if not expired and not over:
             break
-        if q.options.fifo and out:
-            # One message per group at a time: a dead-lettered head exposes the next,
-            # which the next round picks up; delivered groups are now busy.
-            continue
     return out, woken
 
 

@@ -603,7 +603,7 @@ class _SqliteBackend:
 
     def _sync_wal(self) -> None:
         # The connection runs at synchronous=NORMAL: COMMIT writes the WAL frames, and
-        # here we fsync them -- what synchronous=FULL does, but skipped for rounds made
+        # here we fdatasync them -- what synchronous=FULL does, but skipped for rounds made
         # only of relaxed scripts. The WAL is written in order, so this fsync also makes
         # every earlier relaxed commit durable.
         # SQLite deletes the WAL only when its last connection closes, and this
@@ -666,7 +666,7 @@ def translate(exc: Exception) -> ConveyorError:
     return StoreError(f"store failure: {text}")
 
 
-# fsync runs SQLite at NORMAL and fsyncs the WAL itself before confirming a round
+# fsync runs SQLite at NORMAL and fdatasyncs the WAL itself before confirming a round
 # (see _SqliteBackend._sync_wal): the same guarantee as FULL, chosen per round.
 _SYNC = {"fsync": "NORMAL", "os": "NORMAL", "none": "OFF"}
 

@@ -18,6 +18,7 @@ path, JSON body, how to read the answer) and the twin only runs it. Transport:
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -75,6 +76,9 @@ def _x(name: str) -> str:
     return "/v1/exchanges/" + quote(exchange_to_path(name), safe="")
 
 
+# Cached: building a Decoder costs more than decoding a small answer, and every call
+# asks for one.
+@functools.cache
 def _decoder(t: type[T]) -> Callable[[bytes], T]:
     dec = msgspec.json.Decoder(t)
     return dec.decode
@@ -84,6 +88,7 @@ def _none(_: bytes) -> None:
     return None
 
 
+@functools.cache
 def _field(t: type[Any], name: str) -> Callable[[bytes], Any]:
     dec = msgspec.json.Decoder(t)
     return lambda data: getattr(dec.decode(data), name)

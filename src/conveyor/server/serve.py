@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import json
 import logging
 import os
@@ -283,6 +284,7 @@ async def serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         print(banner(running, ver), file=out, flush=True)
+        _settle_heap()
         if config.ready_file:
             write_ready_file(config.ready_file, running)
         if on_ready is not None:
@@ -303,6 +305,24 @@ async def serve(
             await streams.close()
         await broker.close()
     print("conveyor stopped", file=out, flush=True)
+
+
+#: Young-generation threshold for the cyclic garbage collector while serving. A batch
+#: of 100 messages keeps hundreds of container objects alive across a store round, so at
+#: CPython's default (700) the server ran ~1,250 young and ~10 full collections per
+#: 100k messages, ~10% of its CPU; nearly everything it allocates is freed by reference
+#: counting, and the collector only has to find the rare cycle.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def _settle_heap() -> None:
+    """Once started: collect the start-up garbage, then move every object that exists
+    now (modules, classes, configuration: they live as long as the server) out of the
+    collector's sight, so full collections scan only what serving allocates."""
+    gc.collect()
+    gc.freeze()
+    _, mid, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, mid, old)
 
 
 def run(config: ServerConfig, *, out: TextIO | None = None) -> None:

@@ -132,8 +132,7 @@ class GroupCommitWriter(Generic[TxT]):
             tx = backend.begin()
         except Exception as exc:
             failure = backend.translate(exc)
-            for job in jobs:
-                job.loop.call_soon_threadsafe(_settle, job.fut, False, failure)
+            _deliver(jobs, [(False, failure)] * len(jobs))
             return
         # A savepoint per script lets one failing script roll back alone; a round of one
         # script needs none (its failure rolls back the whole transaction instead).
@@ -182,7 +181,22 @@ class GroupCommitWriter(Generic[TxT]):
             if not isinstance(err, StoreError):
                 err = StoreError(str(exc))
             outcomes = [(False, err)] * len(jobs)
-        for job, (ok, value) in zip(jobs, outcomes, strict=True):
-            # RuntimeError: the caller's loop has closed; there is no one to tell.
-            with contextlib.suppress(RuntimeError):
-                job.loop.call_soon_threadsafe(_settle, job.fut, ok, value)
+        _deliver(jobs, outcomes)
+
+
+def _deliver(jobs: list[_Job[Any]], outcomes: list[tuple[bool, Any]]) -> None:
+    """Hand every job's outcome back to its loop: one wake-up per loop per round, not
+    one per job (each wake-up is a write to the loop's self-pipe and a context switch
+    on its side; under load a round holds hundreds of jobs from one loop)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+    for job, (ok, value) in zip(jobs, outcomes, strict=True):
+        by_loop.setdefault(job.loop, []).append((job.fut, ok, value))
+    for loop, settled in by_loop.items():
+        # RuntimeError: the caller's loop has closed; there is no one to tell.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_settle_all, settled)
+
+
+def _settle_all(settled: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for fut, ok, value in settled:
+        _settle(fut, ok, value)

@@ -79,7 +79,13 @@ class _In(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     pass
 
 
-class MessageIn(_In):
+# Not keyword-only, unlike the other requests: the remote client builds one per message
+# of a batch, and positional construction costs about half as much (measured). The JSON
+# shape is the same either way. Untracked by the garbage collector (``gc=False``): a
+# batch holds hundreds of them at once, each triggering collections that scan the whole
+# young heap, and they cannot be part of a cycle (they hold only decoded JSON values and
+# Properties). (The docstring is the OpenAPI description.)
+class MessageIn(_In, kw_only=False, gc=False):
     """A message to send. ``body`` is text, or base64 when ``body_encoding`` says so."""
 
     body: str
@@ -93,9 +99,11 @@ class MessageIn(_In):
     group_id: str | None = None
 
     def to_model(self) -> NewMessage:
+        headers = self.headers
         return NewMessage(
             body=decode_body(self.body, self.body_encoding),
-            headers=decode_headers(self.headers),
+            # Most messages carry no headers: skip the per-value walk for them.
+            headers=decode_headers(headers) if headers else {},
             properties=self.properties,
             priority=self.priority,
             delay=self.delay,
@@ -107,16 +115,17 @@ class MessageIn(_In):
     @classmethod
     def from_model(cls, msg: NewMessage) -> MessageIn:
         body, encoding = encode_body(msg.body)
+        headers = msg.headers
         return cls(
-            body=body,
-            body_encoding=encoding,
-            headers=encode_headers(msg.headers),
-            properties=msg.properties,
-            priority=msg.priority,
-            delay=msg.delay,
-            ttl=msg.ttl,
-            dedup_id=msg.dedup_id,
-            group_id=msg.group_id,
+            body,
+            encoding,
+            encode_headers(headers) if headers else {},
+            msg.properties,
+            msg.priority,
+            msg.delay,
+            msg.ttl,
+            msg.dedup_id,
+            msg.group_id,
         )
 
 
@@ -214,7 +223,11 @@ class BindIn(_In):
         return decode_headers(self.arguments) if self.arguments else None
 
 
-class MessageOut(msgspec.Struct, kw_only=True):
+# Not keyword-only: a receive builds one per delivery, and positional construction of
+# these 17 fields costs a third of keyword construction (measured). Keep the field order
+# in step with ``from_model``. Untracked by the garbage collector, as MessageIn and for
+# the same reasons. (The docstring is the OpenAPI description.)
+class MessageOut(msgspec.Struct, gc=False):
     """A received or peeked message. ``receipt`` is null for a peek."""
 
     id: str
@@ -238,32 +251,37 @@ class MessageOut(msgspec.Struct, kw_only=True):
     @classmethod
     def from_model(cls, d: Delivery) -> MessageOut:
         body, encoding = encode_body(d.body)
+        headers = d.headers
         return cls(
-            id=d.id,
-            queue=d.queue,
-            body=body,
-            body_encoding=encoding,
-            headers=encode_headers(d.headers),
-            properties=d.properties,
-            priority=d.priority,
-            sent_at=d.sent_at,
-            receive_count=d.receive_count,
-            first_received_at=d.first_received_at,
-            receipt=d.receipt,
-            group_id=d.group_id,
-            dedup_id=d.dedup_id,
-            exchange=d.exchange,
-            routing_key=d.routing_key,
-            deaths=d.deaths,
-            sequence=d.sequence,
+            d.id,
+            d.queue,
+            body,
+            encoding,
+            # Most messages carry no headers: skip the per-value walk for them.
+            encode_headers(headers) if headers else {},
+            d.properties,
+            d.priority,
+            d.sent_at,
+            d.receive_count,
+            d.first_received_at,
+            d.receipt,
+            d.group_id,
+            d.dedup_id,
+            d.exchange,
+            d.routing_key,
+            d.deaths,
+            d.sequence,
         )
 
     def to_model(self) -> Delivery:
-        return Delivery(
+        headers = self.headers
+        # At most 15 keyword arguments: with 16, CPython packs them into a dict for the
+        # call (CALL_FUNCTION_EX), several times slower; deaths is set after when present.
+        d = Delivery(
             id=self.id,
             queue=self.queue,
             body=decode_body(self.body, self.body_encoding),
-            headers=decode_headers(self.headers),
+            headers=decode_headers(headers) if headers else {},
             properties=self.properties,
             priority=self.priority,
             sent_at=self.sent_at,
@@ -274,9 +292,11 @@ class MessageOut(msgspec.Struct, kw_only=True):
             dedup_id=self.dedup_id,
             exchange=self.exchange,
             routing_key=self.routing_key,
-            deaths=self.deaths,
             sequence=self.sequence,
         )
+        if self.deaths:
+            d.deaths = self.deaths
+        return d
 
 
 class MessageList(msgspec.Struct, kw_only=True):

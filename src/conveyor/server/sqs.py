@@ -13,8 +13,10 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import hashlib
 import logging
+import os
 import re
 import time
 import uuid
@@ -121,7 +123,7 @@ def _state(broker: Broker) -> _State:
 
 
 async def handle_sqs(broker: Broker, request: web.Request, config: SqsConfig) -> web.Response:
-    request_id = str(uuid.uuid4())
+    request_id = _request_id()
     target = request.headers.get("X-Amz-Target")
     is_json = target is not None
     op = "Unknown"
@@ -133,10 +135,12 @@ async def handle_sqs(broker: Broker, request: web.Request, config: SqsConfig) ->
                 E.INVALID_PARAMETER_VALUE,
                 f"One or more parameters are invalid. Reason: {exc.text}",
             ) from None
-        headers = {k.lower(): v for k, v in request.headers.items()}
         url_query = dict(request.query)
-        signed = sigv4.read_signature(headers, url_query)
-        if config.access_keys is not None:
+        if config.access_keys is None:
+            signed = sigv4.read_signature(_signature_headers(request), url_query)
+        else:
+            headers = {k.lower(): v for k, v in request.headers.items()}
+            signed = sigv4.read_signature(headers, url_query)
             if signed is None:
                 raise SqsError(E.MISSING_AUTHENTICATION, "Request is missing Authentication Token")
             sigv4.verify(
@@ -162,7 +166,7 @@ async def handle_sqs(broker: Broker, request: web.Request, config: SqsConfig) ->
             broker=broker,
             config=config,
             region=signed.credential.region if signed else config.region,
-            base_url=f"{request.scheme}://{request.host}",
+            request=request,
         )
         result = await _HANDLERS[op](ctx, parsed)
     except SqsError as exc:
@@ -189,11 +193,42 @@ async def handle_sqs(broker: Broker, request: web.Request, config: SqsConfig) ->
     )
 
 
+def _request_id() -> str:
+    """A random (version 4) UUID as text, as ``str(uuid.uuid4())`` gives it.
+
+    Formatted from the random bits directly: building a ``uuid.UUID`` and turning it
+    into text cost ~5 us per request, this ~1 us (measured, python 3.11).
+    """
+    n = int.from_bytes(os.urandom(16), "big") & _UUID_CLEAR | _UUID_V4
+    h = f"{n:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+# Version 4 (bits 76-79 = 0100) and the RFC 4122 variant (bits 62-63 = 10).
+_UUID_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID_V4 = (0x4000 << 64) | (0x8000 << 48)
+
+
+def _signature_headers(request: web.Request) -> dict[str, str]:
+    """The headers :func:`sigv4.read_signature` reads, keyed lower-case.
+
+    Without signature checking only these two are needed, so the per-request copy of
+    every header (kept for ``verify``) is skipped. Like that copy, a repeated header
+    gives its last value.
+    """
+    out = {}
+    for key, name in (("authorization", "Authorization"), ("x-amz-date", "X-Amz-Date")):
+        values = request.headers.getall(name, ())
+        if values:
+            out[key] = values[-1]
+    return out
+
+
 def error_response(request: web.Request, exc: SqsError) -> web.Response:
     """``exc`` in the protocol (JSON or query) of ``request``, for answers given before
     the request reaches :func:`handle_sqs` (the connection limit)."""
     is_json = request.headers.get("X-Amz-Target") is not None
-    return _error(exc, is_json, str(uuid.uuid4()))
+    return _error(exc, is_json, _request_id())
 
 
 def _error(exc: SqsError, is_json: bool, request_id: str) -> web.Response:
@@ -252,7 +287,12 @@ class _Context:
     broker: Broker
     config: SqsConfig
     region: str
-    base_url: str
+    request: web.Request
+
+    @property
+    def base_url(self) -> str:
+        # Only the operations that answer with a queue URL need it: not built per request.
+        return f"{self.request.scheme}://{self.request.host}"
 
     @property
     def account(self) -> str:
@@ -266,8 +306,9 @@ class _Context:
         return QueueRef(self.region, self.account, name)
 
     def resolve(self, queue_url: str) -> tuple[QueueRef, str]:
-        ref = N.parse_queue_url(queue_url, self.default_region, self.region, self.account)
-        return ref, ref.engine_name(self.default_region)
+        # Long URLs are not cached, so the cache stays small whatever clients send.
+        resolve = _resolve_cached if len(queue_url) <= _MAX_CACHED_URL else _resolve
+        return resolve(queue_url, self.default_region, self.region, self.account)
 
     def url(self, ref: QueueRef) -> str:
         return N.queue_url(self.base_url, ref, self.default_region)
@@ -287,6 +328,20 @@ class _Context:
 
     async def info(self, engine: str) -> QueueInfo:
         return await self.broker.get_queue(engine)
+
+
+def _resolve(
+    queue_url: str, default_region: str, region: str, account: str
+) -> tuple[QueueRef, str]:
+    ref = N.parse_queue_url(queue_url, default_region, region, account)
+    return ref, ref.engine_name(default_region)
+
+
+# Every message operation names its queue by URL and clients repeat the same few, so
+# the parse (urlsplit, unquote, name check: ~2 us) is cached. Errors are raised again
+# each time: lru_cache keeps no exceptions.
+_resolve_cached = functools.lru_cache(maxsize=1024)(_resolve)
+_MAX_CACHED_URL = 512
 
 
 def _bounded(name: str, value: int | None, low: int, high: int, reason: str) -> int | None:
@@ -616,11 +671,17 @@ def _prepare(
     system: dict[str, S.MessageAttributeValue],
     dedup_id: str | None,
     group_id: str | None,
+    encoded: bytes | None = None,
 ) -> _Prepared:
-    """Validate one SendMessage(Batch entry) against its queue and build the message."""
+    """Validate one SendMessage(Batch entry) against its queue and build the message.
+
+    ``encoded``: the body's UTF-8, when the caller has it already (the batch does).
+    """
     M.check_body(body)
+    if encoded is None:
+        encoded = body.encode("utf-8")
     _bounded("DelaySeconds", delay, 0, 900, "DelaySeconds must be >= 0 and <= 900.")
-    size = len(body.encode("utf-8")) + M.check_attributes(attributes)
+    size = len(encoded) + M.check_attributes(attributes)
     trace: str | None = None
     for name, value in system.items():
         if name != "AWSTraceHeader":
@@ -656,7 +717,7 @@ def _prepare(
                     "The queue should either have ContentBasedDeduplication enabled or "
                     "MessageDeduplicationId provided explicitly",
                 )
-            dedup_id = hashlib.sha256(body.encode("utf-8")).hexdigest()
+            dedup_id = hashlib.sha256(encoded).hexdigest()
     elif dedup_id is not None:
         raise E.invalid_value(
             "MessageDeduplicationId",
@@ -672,7 +733,7 @@ def _prepare(
                 "in length.",
             )
     message = NewMessage(
-        body=body.encode("utf-8"),
+        body=encoded,
         headers=M.attributes_to_headers(attributes, trace),
         delay=float(delay) if delay is not None else None,
         dedup_id=dedup_id,
@@ -680,7 +741,7 @@ def _prepare(
     )
     return _Prepared(
         message,
-        M.md5_of_body(body),
+        M.md5_hex(encoded),
         M.md5_of_attributes(attributes),
         M.md5_of_attributes(system),
     )
@@ -714,7 +775,8 @@ async def send_message_batch(
     _, engine = ctx.resolve(req.queue_url)
     _check_batch(req.entries, "SendMessageBatchRequestEntry")
     info = await ctx.info(engine)
-    total = sum(len(e.message_body.encode("utf-8")) for e in req.entries)
+    encoded = [e.message_body.encode("utf-8") for e in req.entries]
+    total = sum(map(len, encoded))
     limit = A.DEFAULT_MAX_SIZE
     if total > limit:
         raise SqsError(
@@ -723,7 +785,7 @@ async def send_message_batch(
         )
     failed: list[S.BatchResultErrorEntry] = []
     ready: list[tuple[S.SendMessageBatchRequestEntry, _Prepared]] = []
-    for entry in req.entries:
+    for entry, data in zip(req.entries, encoded, strict=True):
         try:
             p = _prepare(
                 info.options,
@@ -733,6 +795,7 @@ async def send_message_batch(
                 entry.message_system_attributes,
                 entry.message_deduplication_id,
                 entry.message_group_id,
+                data,
             )
         except SqsError as exc:
             failed.append(_failed(entry.id, exc))
@@ -834,16 +897,23 @@ async def receive_message(ctx: _Context, req: S.ReceiveMessageRequest) -> S.Rece
         visibility_timeout=float(visibility) if visibility is not None else None,
     )
     wanted = set(req.attribute_names) | set(req.message_system_attribute_names)
+    names = req.message_attribute_names
     out = []
     for d in deliveries:
-        body = d.body.decode("utf-8", "replace")
-        user = M.select_attributes(M.headers_to_attributes(d.headers), req.message_attribute_names)
+        try:
+            body = d.body.decode("utf-8")
+            md5_body = M.md5_hex(d.body)  # the stored bytes are the body's UTF-8
+        except UnicodeDecodeError:
+            body = d.body.decode("utf-8", "replace")
+            md5_body = M.md5_of_body(body)
+        # Without MessageAttributeNames no attribute is shown: skip the mapping.
+        user = M.select_attributes(M.headers_to_attributes(d.headers), names) if names else {}
         assert d.receipt is not None
         out.append(
             S.Message(
                 message_id=d.id,
                 receipt_handle=d.receipt,
-                md5_of_body=M.md5_of_body(body),
+                md5_of_body=md5_body,
                 body=body,
                 attributes=_system_attributes(ctx, d, wanted, info.options.fifo),
                 md5_of_message_attributes=M.md5_of_attributes(user),
@@ -867,12 +937,13 @@ async def delete_message_batch(
 ) -> S.DeleteMessageBatchResult:
     _, engine = ctx.resolve(req.queue_url)
     _check_batch(req.entries, "DeleteMessageBatchRequestEntry")
-    failed = [
-        _failed(e.id, _bad_receipt(e.receipt_handle))
-        for e in req.entries
-        if not _receipt_ok(e.receipt_handle)
-    ]
-    good = [e for e in req.entries if _receipt_ok(e.receipt_handle)]
+    good: list[S.DeleteMessageBatchRequestEntry] = []
+    failed: list[S.BatchResultErrorEntry] = []
+    for e in req.entries:
+        if _receipt_ok(e.receipt_handle):
+            good.append(e)
+        else:
+            failed.append(_failed(e.id, _bad_receipt(e.receipt_handle)))
     if good:
         await ctx.broker.ack_batch(engine, [e.receipt_handle for e in good])
     else:

@@ -88,6 +88,8 @@ def md5_of_attributes(attributes: Mapping[str, MessageAttributeValue]) -> str | 
 def check_body(body: str) -> None:
     if not body:
         raise E.missing("MessageBody")
+    if body.isascii() and body.isprintable():
+        return  # only #x20-#x7E: all allowed; cheaper than the regex scan (measured)
     bad = _BAD_CHAR_RE.search(body)
     if bad:
         raise SqsError(

@@ -938,11 +938,11 @@ class _Connection(asyncio.Protocol):
                     ack_upto = seq
                 else:
                     if ack_upto:
-                        conn.send_method(ch.number, commands.Basic.Ack(ack_upto, True))
+                        conn.send_raw(codec.basic_ack_frame(ch.number, ack_upto, True))
                         ack_upto = 0
                     conn.send_method(ch.number, commands.Basic.Nack(seq, False, False))
             if ack_upto:
-                conn.send_method(ch.number, commands.Basic.Ack(ack_upto, True))
+                conn.send_raw(codec.basic_ack_frame(ch.number, ack_upto, True))
 
     async def _settle_publishes(self, ch: _Channel) -> None:
         """Wait until every publish and ack received on ``ch`` so far is stored."""
@@ -1031,12 +1031,13 @@ class _Connection(asyncio.Protocol):
                 consumer.unacked += 1
         d = self.vh.delivered(d)
         if consumer is not None:
-            method: Frame = commands.Basic.Deliver(
-                tag_name, tag, redelivered, d.exchange, d.routing_key
+            deliver = codec.basic_deliver_frame(
+                ch.number, tag_name, tag, redelivered, d.exchange, d.routing_key
             )
+            conn.send_content_frame(ch.number, deliver, codec.properties_payload(d), d.body)
         else:
             method = commands.Basic.GetOk(tag, redelivered, d.exchange, d.routing_key, 0)
-        conn.send_content(ch.number, method, codec.properties_payload(d), d.body)
+            conn.send_content(ch.number, method, codec.properties_payload(d), d.body)
         return tag
 
     async def _consume_loop(self, consumer: _Consumer) -> None:

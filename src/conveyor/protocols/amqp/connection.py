@@ -337,6 +337,15 @@ class ServerConnection:
         self._out.append(codec.method_frame(channel, method))
         self._out.extend(codec.content_frames(channel, header_payload, body, self.frame_max))
 
+    def send_content_frame(
+        self, channel: int, method_frame: bytes, header_payload: bytes, body: bytes
+    ) -> None:
+        """send_content with the method frame already built (codec.basic_deliver_frame)."""
+        if self.state is State.CLOSED:
+            return
+        self._out.append(method_frame)
+        self._out.extend(codec.content_frames(channel, header_payload, body, self.frame_max))
+
     def send_raw(self, data: bytes) -> None:
         """Pre-built frames (the server's fast path for deliveries)."""
         if self.state is not State.CLOSED:

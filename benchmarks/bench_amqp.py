@@ -6,8 +6,9 @@ Writes benchmarks/results/amqp.md (medians of alternating rounds).
 
 Persistent messages (delivery_mode 2), publisher confirms, manual acks, prefetch 1000,
 100-byte bodies. For each client (aio-pika, pika) and each server: publish msg/s (all
-confirmed) then consume+ack msg/s. conveyor runs in its own process (SQLite store in a
-temporary directory, the chosen durability), so client and server do not share a GIL.
+confirmed) then consume+ack msg/s. conveyor runs as shipped, ``conveyor serve`` in its own
+process (SQLite store in a temporary directory, the chosen durability), so client and
+server do not share a GIL.
 
 aio-pika publishes with up to ``--window`` unconfirmed messages in flight; pika's
 BlockingConnection waits for each confirm before the next publish (its only mode).
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
 import statistics
@@ -32,40 +34,28 @@ import pika
 
 BODY = b"x" * 100
 RESULTS = Path(__file__).resolve().parent / "results"
-SERVER = """
-import asyncio, sys
-from conveyor.broker import Broker
-from conveyor.server.amqp import AmqpServer
-
-async def main():
-    broker = await Broker.open(sys.argv[1], durability=sys.argv[2])
-    server = AmqpServer(broker)
-    port = await server.start("127.0.0.1", 0)
-    print(port, flush=True)
-    await asyncio.Event().wait()
-
-try:
-    import uvloop
-    uvloop.install()
-except ImportError:
-    pass
-asyncio.run(main())
-"""
 
 
 def start_conveyor(data_dir: str, durability: str) -> tuple[subprocess.Popen[str], int]:
-    env = dict(os.environ)
+    """``conveyor serve`` from this checkout, as shipped: AMQP on a free port, no Kafka."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
     src = str(Path(__file__).resolve().parent.parent / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    ready = Path(data_dir) / "ready.json"
     proc = subprocess.Popen(
-        [sys.executable, "-c", SERVER, f"sqlite:///{data_dir}", durability],
-        stdout=subprocess.PIPE,
+        [sys.executable, "-m", "conveyor", "serve", "--data", f"{data_dir}/data",
+         "--http-port", "0", "--amqp-port", "0", "--no-kafka", "--durability", durability,
+         "--ready-file", str(ready), "--log-level", "warning"],
+        stdout=subprocess.DEVNULL,
         text=True,
         env=env,
-    )
-    assert proc.stdout is not None
-    port = int(proc.stdout.readline())
-    return proc, port
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("conveyor serve did not start")
+        time.sleep(0.05)
+    return proc, int(json.loads(ready.read_text())["amqp_port"])
 
 
 async def aio_publish(url: str, queue: str, n: int, window: int) -> float:

@@ -637,7 +637,7 @@ class Broker:
 
         def script(tx: Tx) -> tuple[list[SendResult], dict[str, int]]:
             woken: dict[str, int] = {}
-            results = _insert(tx, ref, rows, now, lookup, routing, woken, strict=True)
+            results = _insert(tx, ref, rows, now, lookup, routing, woken)
             return [r for r in results if r is not None], woken
 
         results, woken = await self.store.run(script)
@@ -941,7 +941,7 @@ class Broker:
                 res = PublishResult(routed=0)
                 for ref, row in per:
                     try:
-                        got = _insert(tx, ref, [row], now, lookup, routing, woken, strict=True)
+                        got = _insert(tx, ref, [row], now, lookup, routing, woken)
                     except errors.QueueFull:
                         res.rejected.append(ref.name)
                         continue
@@ -1281,21 +1281,13 @@ def _insert(
     lookup: scripts.Lookup,
     routing: RoutingTable,
     woken: dict[str, int],
-    strict: bool,
 ) -> list[SendResult | None]:
     """Store rows in one queue with dedup and max_length applied."""
     for row in rows:
         if row.dedup_id is not None:
             return _insert_dedup(tx, ref, rows, now, lookup, routing, woken)
     # No dedup ids (the common case): every row is stored, in order.
-    opts = ref.options
-    if (
-        opts.max_length is not None
-        and opts.overflow == "reject-new"
-        and rows
-        and tx.ready_count(ref.id) + len(rows) > opts.max_length
-    ):
-        raise errors.QueueFull(f"queue {ref.name!r} is full (max_length {opts.max_length})")
+    _refuse_if_full(tx, ref, len(rows))
     ids = tx.insert(ref.id, rows) if rows else []
     results: list[SendResult | None] = [SendResult(id=str(mid), sequence=mid) for mid in ids]
     _inserted(tx, ref, [row.state for row in rows].count(READY), now, lookup, routing, woken)
@@ -1321,7 +1313,7 @@ def _publish_grouped(
                 entry = by_queue[ref.id] = (ref, [])
             entry[1].append(row)
     stored = {
-        qid: iter(_insert(tx, ref, rows, now, lookup, routing, woken, strict=True))
+        qid: iter(_insert(tx, ref, rows, now, lookup, routing, woken))
         for qid, (ref, rows) in by_queue.items()
     }
     out: list[PublishResult] = []
@@ -1334,6 +1326,18 @@ def _publish_grouped(
             res.ids[ref.name] = r.id
         out.append(res)
     return out
+
+
+def _refuse_if_full(tx: Tx, ref: QueueRef, n: int) -> None:
+    """QueueFull if storing ``n`` more messages would pass a reject-new max_length."""
+    opts = ref.options
+    if (
+        opts.max_length is not None
+        and opts.overflow == "reject-new"
+        and n
+        and tx.ready_count(ref.id) + n > opts.max_length
+    ):
+        raise errors.QueueFull(f"queue {ref.name!r} is full (max_length {opts.max_length})")
 
 
 def _insert_dedup(
@@ -1362,11 +1366,7 @@ def _insert_dedup(
                 continue
             seen[row.dedup_id] = i
         fresh.append(i)
-    if opts.max_length is not None and fresh:
-        ready = tx.ready_count(ref.id)
-        over = ready + len(fresh) - opts.max_length
-        if over > 0 and opts.overflow == "reject-new":
-            raise errors.QueueFull(f"queue {ref.name!r} is full (max_length {opts.max_length})")
+    _refuse_if_full(tx, ref, len(fresh))
     ids = tx.insert(ref.id, [rows[i] for i in fresh]) if fresh else []
     for i, mid in zip(fresh, ids, strict=True):
         results[i] = SendResult(id=str(mid), sequence=mid)

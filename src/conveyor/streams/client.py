@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -24,6 +24,7 @@ from conveyor.streams.bridges import BridgeManager
 from conveyor.streams.engine import PartitionOffsets, StreamEngine, StreamRecord
 from conveyor.streams.errors import GroupError, OffsetOutOfRange
 from conveyor.streams.groups import NONE, REBALANCE_IN_PROGRESS
+from conveyor.streams.member import GroupMember
 
 if TYPE_CHECKING:
     from conveyor.streams.remote import RemoteStream, RemoteStreamConsumer, RemoteStreams
@@ -336,34 +337,16 @@ async def join_group(
         return Joined(member_id, res.generation, assignment, positions)
 
 
-class AsyncStreamConsumer:
+class AsyncStreamConsumer(GroupMember):
     """A member of a consumer group: gets some partitions, reads them from the group's
     committed offsets, ``commit()`` stores its positions. Use as an async context
     manager (joins on enter, leaves on exit) or iterate it."""
 
-    def __init__(
-        self, stream: AsyncStream, group: str, from_start: bool, session_timeout: float
-    ) -> None:
-        self.stream = stream
-        self.group = group
-        self.from_start = from_start
-        self.session_timeout = session_timeout
-        self.member_id = ""
-        self.generation = -1
-        self.assignment: list[int] = []
-        self.positions: dict[int, int] = {}
-        self._next = 0
+    stream: AsyncStream
 
     @property
     def _groups(self) -> Any:
         return self.stream.engine.groups
-
-    async def __aenter__(self) -> AsyncStreamConsumer:
-        await self.join()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     async def join(self) -> None:
         try:
@@ -427,14 +410,6 @@ class AsyncStreamConsumer:
         if self.member_id:
             self._groups.leave(self.group, [self.member_id])
             self.member_id = ""
-
-    def __aiter__(self) -> AsyncIterator[StreamRecord]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[StreamRecord]:
-        while True:
-            for r in await self.poll():
-                yield r
 
 
 class _Runner(Protocol):

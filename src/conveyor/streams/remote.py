@@ -13,7 +13,7 @@ route (which also heartbeats) and commits with its generation checked.
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -24,6 +24,7 @@ from conveyor.client.remote import LONG_POLL_MARGIN, RemoteBroker, _Call
 from conveyor.streams.engine import PartitionOffsets, StreamRecord
 from conveyor.streams.errors import GroupError
 from conveyor.streams.groups import REBALANCE_IN_PROGRESS
+from conveyor.streams.member import GroupMember
 
 Value = bytes | str
 
@@ -120,13 +121,7 @@ class RemoteStreams:
         routing_key: str = "",
         arguments: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        from conveyor.protocols.http.codec import encode_headers
-
-        body = {
-            "exchange": exchange,
-            "routing_key": routing_key,
-            "arguments": encode_headers(arguments or {}),
-        }
+        body = _binding(exchange, routing_key, arguments)
         result: dict[str, Any] = await self.call(
             "POST", _t(stream) + "/bind", body, idempotent=True
         )
@@ -139,19 +134,24 @@ class RemoteStreams:
         routing_key: str = "",
         arguments: dict[str, Any] | None = None,
     ) -> None:
-        from conveyor.protocols.http.codec import encode_headers
-
-        body = {
-            "exchange": exchange,
-            "routing_key": routing_key,
-            "arguments": encode_headers(arguments or {}),
-        }
+        body = _binding(exchange, routing_key, arguments)
         await self.call("POST", _t(stream) + "/unbind", body, idempotent=True)
 
     async def list_bridges(self, stream: str | None = None) -> list[dict[str, Any]]:
         path = "/v1/bridges" if stream is None else _t(stream) + "/bridges"
         got = await self.call("GET", path, idempotent=True)
         return list(got["bridges"])
+
+
+def _binding(exchange: str, routing_key: str, arguments: dict[str, Any] | None) -> dict[str, Any]:
+    """The body of the bind and unbind routes."""
+    from conveyor.protocols.http.codec import encode_headers
+
+    return {
+        "exchange": exchange,
+        "routing_key": routing_key,
+        "arguments": encode_headers(arguments or {}),
+    }
 
 
 class RemoteStream:
@@ -273,31 +273,13 @@ class RemoteStream:
         return await self.api.list_bridges(self.name)
 
 
-class RemoteStreamConsumer:
+class RemoteStreamConsumer(GroupMember):
     """AsyncStreamConsumer's methods over HTTP."""
 
-    def __init__(
-        self, stream: RemoteStream, group: str, from_start: bool, session_timeout: float
-    ) -> None:
-        self.stream = stream
-        self.group = group
-        self.from_start = from_start
-        self.session_timeout = session_timeout
-        self.member_id = ""
-        self.generation = -1
-        self.assignment: list[int] = []
-        self.positions: dict[int, int] = {}
-        self._next = 0
+    stream: RemoteStream
 
     def _path(self, op: str) -> str:
         return f"{_t(self.stream.name)}/groups/{quote(self.group, safe='')}/{op}"
-
-    async def __aenter__(self) -> RemoteStreamConsumer:
-        await self.join()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     async def join(self) -> None:
         body = {
@@ -366,11 +348,3 @@ class RemoteStreamConsumer:
         if self.member_id:
             member, self.member_id = self.member_id, ""
             await self.stream.api.call("POST", self._path("leave"), {"member_id": member})
-
-    def __aiter__(self) -> AsyncIterator[StreamRecord]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[StreamRecord]:
-        while True:
-            for r in await self.poll():
-                yield r

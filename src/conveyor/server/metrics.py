@@ -7,17 +7,13 @@ latency histograms are observed by the listeners as they deliver.
 
 from __future__ import annotations
 
-import math
 import time
-from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry
-from prometheus_client import metrics as prometheus_metrics
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.utils import floatToGoString
 
 from conveyor import errors
 from conveyor.model import Delivery, QueueStats
@@ -28,9 +24,6 @@ if TYPE_CHECKING:
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
 )  # fmt: skip
-
-#: How prometheus_client writes an ``le`` label (typed here: the library's is not).
-_le_label: Callable[[float], str] = floatToGoString
 
 _GAUGES = (
     ("ready", "Messages ready for delivery"),
@@ -49,100 +42,22 @@ _COUNTERS = (
 )
 
 
-class _Series:
-    """One label value's bucket counts (not cumulative; the last bucket is +Inf)."""
-
-    __slots__ = ("_bounds", "counts", "created", "sum")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self._bounds = bounds
-        self.counts = [0] * len(bounds)
-        self.sum = 0.0
-        self.created = time.time()
-
-    def observe(self, value: float) -> None:
-        # A value lands in the first bucket whose bound is >= it, as in prometheus_client.
-        self.counts[bisect_left(self._bounds, value)] += 1
-        self.sum += value
-
-    def observe_many(self, values: Iterable[float]) -> None:
-        bounds, counts = self._bounds, self.counts
-        total = 0.0
-        for value in values:
-            counts[bisect_left(bounds, value)] += 1
-            total += value
-        self.sum += total
-
-
-class BatchHistogram:
-    """A histogram with one label that takes many observations in one call.
-
-    prometheus_client's Histogram costs a lock and a bucket scan per value (2-3 us); a
-    receive reports up to hundreds of deliveries at once, so the server spent more on
-    this metric than on encoding the messages (measured). This exposes the same samples
-    (``_bucket`` by ``le``, ``_count``, ``_sum``, ``_created``, per label value created
-    at its first observation) in the same order. Observed and collected on the event
-    loop only, which is why it needs no lock.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        label: str,
-        buckets: Sequence[float],
-        registry: CollectorRegistry,
-    ) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.label = label
-        self._bounds = (*(float(b) for b in buckets), math.inf)
-        self._le = tuple(_le_label(b) for b in self._bounds)
-        self._series: dict[str, _Series] = {}
-        registry.register(self)
-
-    def labels(self, value: str) -> _Series:
-        series = self._series.get(value)
-        if series is None:
-            series = self._series[value] = _Series(self._bounds)
-        return series
-
-    def describe(self) -> Iterable[Metric]:
-        return [Metric(self.name, self.documentation, "histogram")]
-
-    def collect(self) -> Iterator[Metric]:
-        name, label = self.name, self.label
-        metric = Metric(name, self.documentation, "histogram")
-        # prometheus_client's switch (disable_created_metrics / its environment variable).
-        created = getattr(prometheus_metrics, "_use_created", True)
-        for value, series in list(self._series.items()):
-            acc = 0.0
-            for le, n in zip(self._le, series.counts, strict=True):
-                acc += n
-                metric.add_sample(name + "_bucket", {label: value, "le": le}, acc)
-            metric.add_sample(name + "_count", {label: value}, acc)
-            metric.add_sample(name + "_sum", {label: value}, series.sum)
-            if created:
-                metric.add_sample(name + "_created", {label: value}, series.created)
-        yield metric
-
-
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.receive_seconds = BatchHistogram(
+        self.receive_seconds = Histogram(
             "conveyor_receive_seconds",
             "Time a receive call took, long-poll wait included",
-            "protocol",
-            _LATENCY_BUCKETS,
-            self.registry,
+            ["protocol"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
         )
-        self.deliver_seconds = BatchHistogram(
+        self.deliver_seconds = Histogram(
             "conveyor_publish_to_deliver_seconds",
             "From a message's send to its first delivery",
-            "protocol",
-            _LATENCY_BUCKETS,
-            self.registry,
+            ["protocol"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
         )
         #: name -> callable giving the number of open client connections.
         self.connection_sources: dict[str, Callable[[], int]] = {}
@@ -154,9 +69,10 @@ class Metrics:
     ) -> None:
         self.receive_seconds.labels(protocol).observe(seconds)
         now = time.time()
-        self.deliver_seconds.labels(protocol).observe_many(
-            [max(0.0, now - d.sent_at) for d in deliveries if d.receive_count <= 1]
-        )
+        hist = self.deliver_seconds.labels(protocol)
+        for d in deliveries:
+            if d.receive_count <= 1:
+                hist.observe(max(0.0, now - d.sent_at))
 
     async def render(self, broker: Broker) -> tuple[bytes, str]:
         snapshot: list[tuple[str, QueueStats]] = []

@@ -16,7 +16,6 @@ import contextlib
 import functools
 import hashlib
 import logging
-import os
 import re
 import time
 import uuid
@@ -123,7 +122,7 @@ def _state(broker: Broker) -> _State:
 
 
 async def handle_sqs(broker: Broker, request: web.Request, config: SqsConfig) -> web.Response:
-    request_id = _request_id()
+    request_id = str(uuid.uuid4())
     target = request.headers.get("X-Amz-Target")
     is_json = target is not None
     op = "Unknown"
@@ -193,22 +192,6 @@ async def handle_sqs(broker: Broker, request: web.Request, config: SqsConfig) ->
     )
 
 
-def _request_id() -> str:
-    """A random (version 4) UUID as text, as ``str(uuid.uuid4())`` gives it.
-
-    Formatted from the random bits directly: building a ``uuid.UUID`` and turning it
-    into text cost ~5 us per request, this ~1 us (measured, python 3.11).
-    """
-    n = int.from_bytes(os.urandom(16), "big") & _UUID_CLEAR | _UUID_V4
-    h = f"{n:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
-# Version 4 (bits 76-79 = 0100) and the RFC 4122 variant (bits 62-63 = 10).
-_UUID_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
-_UUID_V4 = (0x4000 << 64) | (0x8000 << 48)
-
-
 def _signature_headers(request: web.Request) -> dict[str, str]:
     """The headers :func:`sigv4.read_signature` reads, keyed lower-case.
 
@@ -228,7 +211,7 @@ def error_response(request: web.Request, exc: SqsError) -> web.Response:
     """``exc`` in the protocol (JSON or query) of ``request``, for answers given before
     the request reaches :func:`handle_sqs` (the connection limit)."""
     is_json = request.headers.get("X-Amz-Target") is not None
-    return _error(exc, is_json, _request_id())
+    return _error(exc, is_json, str(uuid.uuid4()))
 
 
 def _error(exc: SqsError, is_json: bool, request_id: str) -> web.Response:

@@ -427,7 +427,7 @@ class SqliteTx(Tx):
         self._gauge(queue_id, READY, -len(rows))
         self._gauge(queue_id, LEASED, len(rows))
         self.count(queue_id, "received", len(rows))
-        if list(map(_GROUP_OF_ROW, rows)).count(None) != len(rows):
+        if any(r[5] is not None for r in rows):
             self._served(queue_id, [r[0] for r in rows])
         return _message_rows(_in_order(rows, ids))
 
@@ -468,16 +468,9 @@ class SqliteTx(Tx):
         # A lease that expired but was not yet handed to anyone else may still be acked
         # with its receipt (as SQS allows); a newer delivery has a new token. Receipts
         # from one receive share a token, so this is usually a single statement.
-        if not leases:
-            return set()
-        ids, tokens = zip(*leases, strict=True)
-        by_token: dict[int, list[int]]
-        if tokens.count(tokens[0]) == len(tokens):
-            by_token = {tokens[0]: list(ids)}
-        else:
-            by_token = {}
-            for mid, tok in leases:
-                by_token.setdefault(tok, []).append(mid)
+        by_token: dict[int, list[int]] = {}
+        for mid, tok in leases:
+            by_token.setdefault(tok, []).append(mid)
         found: dict[int, int] = {}
         for tok, mids in by_token.items():
             for part in _chunks(mids):
@@ -561,18 +554,11 @@ class SqliteTx(Tx):
         before = self._states([m[0] for m in moves])
         for _mid, qid, state in before:
             self._gauge(qid, state, -1)
-        # Neither a None nor a bytes is bound (see _COPY_MAX): the meta goes as bytearray.
-        expiry = "NULL" if expires_at is None else "?"
-        sql = (
+        self.c.executemany(
             "UPDATE messages SET queue_id=?, state=0, visible_at=NULL, lease_token=NULL,"
-            f" receive_count=0, first_received_at=NULL, meta=?, expires_at={expiry} WHERE id=?"
+            " receive_count=0, first_received_at=NULL, expires_at=?, meta=? WHERE id=?",
+            [(to_queue, expires_at, meta, mid) for mid, meta in moves],
         )
-        if expires_at is None:
-            self.c.executemany(sql, [(to_queue, bytearray(meta), mid) for mid, meta in moves])
-        else:
-            self.c.executemany(
-                sql, [(to_queue, bytearray(meta), expires_at, mid) for mid, meta in moves]
-            )
         self._gauge(to_queue, READY, len(before))
         self.count(to_queue, "sent", len(before))
         groups = self._group_of([m[0] for m in moves])

@@ -1,17 +1,24 @@
 """boto3 against conveyor, moto's server and a canned-response stub, in one run.
 
     python benchmarks/bench_sqs.py [--seconds 5] [--durability fsync|os|none]
-                                   [--targets conveyor,moto,stub] [--threads 1]
+                                   [--targets stub,conveyor,moto] [--threads 1,4]
 
 Workloads (100-byte bodies, one boto3 client per thread):
   send   send_message_batch of 10
   recv   receive_message (MaxNumberOfMessages=10) + delete_message_batch of what came
 
 Every server runs in its own process on an ephemeral port:
-  conveyor  the SQS handler on a Broker over SQLite (this checkout's src/)
+  conveyor  ``conveyor serve --durability fsync`` from this checkout: SQS on the same
+            HTTP port as the native API, as shipped
   moto      ``python -m moto.server`` (the peer emulator; needs moto[server])
   stub      an aiohttp server answering each operation with a fixed valid response:
             the ceiling of the client itself
+
+Each thread count runs against every server. With one thread every request waits for
+the server's answer, so the figure is the client's time plus the server's latency (for
+conveyor: a durable commit with its fdatasync); with several threads the client keeps
+requests in flight, as SQS programs with worker threads do, and the figure is bounded
+by the client's own CPU. Writes benchmarks/results/sqs.md.
 """
 
 from __future__ import annotations
@@ -30,32 +37,11 @@ from pathlib import Path
 from typing import Any
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+RESULTS = Path(__file__).resolve().parent / "results"
 BODY = "x" * 100
 
 
 # -- servers (each runs as `python bench_sqs.py --serve KIND ...`) ---------------------
-
-
-def serve_conveyor(port_file: str, data: str, durability: str) -> None:
-    from aiohttp import web
-
-    from conveyor.broker import Broker
-    from conveyor.server.sqs import SqsConfig, handle_sqs, is_sqs_request
-
-    async def main() -> None:
-        broker = await Broker.open(data, durability=durability)
-        config = SqsConfig(purge_interval=0)
-
-        async def endpoint(request: web.Request) -> web.StreamResponse:
-            if not is_sqs_request(request):
-                return web.Response(status=404)
-            return await handle_sqs(broker, request, config)
-
-        app = web.Application(client_max_size=4 * 1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", endpoint)
-        await _run(app, port_file)
-
-    _loop_run(main())
 
 
 def serve_stub(port_file: str) -> None:
@@ -142,17 +128,29 @@ def start(kind: str, tmp: str, durability: str) -> tuple[subprocess.Popen[bytes]
         url = f"http://127.0.0.1:{port}"
         _wait_http(url, proc)
         return proc, url
+    if kind == "conveyor":
+        ready = os.path.join(tmp, f"conveyor-{time.monotonic_ns()}.json")
+        env = {k: v for k, v in env.items() if not k.startswith("CONVEYOR_")}
+        args = [sys.executable, "-m", "conveyor", "serve",
+                "--data", os.path.join(tmp, f"conveyor-data-{time.monotonic_ns()}"),
+                "--http-port", "0", "--no-amqp", "--durability", durability,
+                "--ready-file", ready, "--log-level", "warning"]  # fmt: skip
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL)
+        _wait_file(ready, proc)
+        return proc, f"http://127.0.0.1:{json.loads(Path(ready).read_text())['http_port']}"
     port_file = os.path.join(tmp, f"{kind}.port")
     args = [sys.executable, __file__, "--serve", kind, "--port-file", port_file]
-    if kind == "conveyor":
-        args += ["--data", os.path.join(tmp, "conveyor-data"), "--durability", durability]
     proc = subprocess.Popen(args, env=env)
-    deadline = time.monotonic() + 30
-    while not os.path.exists(port_file) or not Path(port_file).read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{kind} server did not start")
-        time.sleep(0.05)
+    _wait_file(port_file, proc)
     return proc, f"http://127.0.0.1:{Path(port_file).read_text()}"
+
+
+def _wait_file(path: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path) or not Path(path).read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"server did not start (waiting for {path})")
+        time.sleep(0.05)
 
 
 def _wait_http(url: str, proc: subprocess.Popen[bytes]) -> None:
@@ -220,8 +218,9 @@ def run_phase(url: str, queue_url: str, phase: str, seconds: float, threads: int
     return sum(counts) / (time.monotonic() - start_t)
 
 
-def bench(kind: str, args: argparse.Namespace, tmp: str) -> dict[str, float]:
+def bench(kind: str, args: argparse.Namespace, tmp: str) -> dict[int, dict[str, float]]:
     proc, url = start(kind, tmp, args.durability)
+    out: dict[int, dict[str, float]] = {}
     try:
         sqs = client(url)
         queue_url = sqs.create_queue(QueueName=f"bench-{kind}")["QueueUrl"]
@@ -230,45 +229,77 @@ def bench(kind: str, args: argparse.Namespace, tmp: str) -> dict[str, float]:
                 QueueUrl=queue_url,
                 Entries=[{"Id": str(k), "MessageBody": BODY} for k in range(10)],
             )
-        send = run_phase(url, queue_url, "send", args.seconds, args.threads)
-        recv = run_phase(url, queue_url, "recv", args.seconds, args.threads)
-        return {"send": send, "recv": recv}
+        for threads in args.threads:
+            send = run_phase(url, queue_url, "send", args.seconds, threads)
+            recv = run_phase(url, queue_url, "recv", args.seconds, threads)
+            out[threads] = {"send": send, "recv": recv}
+            print(f"{kind:9s} threads={threads}  send_batch {send:9.0f} msg/s"
+                  f"   receive+delete_batch {recv:9.0f} msg/s", flush=True)  # fmt: skip
+        return out
     finally:
         proc.terminate()
         proc.wait(10)
 
 
+def report(results: dict[str, dict[int, dict[str, float]]], args: argparse.Namespace) -> str:
+    threads = ",".join(map(str, args.threads))
+    lines = [
+        "# SQS: boto3 against conveyor, moto and a canned-response stub",
+        "",
+        f"Command: `python benchmarks/bench_sqs.py --seconds {args.seconds:g} --threads {threads}`"
+        f" ({os.cpu_count()} CPUs, durability={args.durability}). 100-byte bodies;"
+        " send = send_message_batch of 10; recv = receive_message(10) +"
+        " delete_message_batch. The stub answers canned responses: the client's ceiling.",
+        "",
+        "| threads | operation | stub msg/s | conveyor msg/s | moto msg/s"
+        " | conveyor / stub | conveyor / moto |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for t in args.threads:
+        for phase in ("send", "recv"):
+            row = {k: results[k][t][phase] for k in results}
+            stub, conv, moto = row.get("stub"), row.get("conveyor"), row.get("moto")
+            lines.append(
+                f"| {t} | {phase} | {_num(stub)} | {_num(conv)} | {_num(moto)}"
+                f" | {_ratio(conv, stub, '{:.0%}')} | {_ratio(conv, moto, '{:.0f}x')} |"
+            )
+    if "stub" in results and "conveyor" in results:
+        lines += ["", "Best of each over the thread counts (the stub's best is its ceiling):", ""]
+        for phase in ("send", "recv"):
+            stub = max(r[phase] for r in results["stub"].values())
+            conv = max(r[phase] for r in results["conveyor"].values())
+            lines.append(f"- {phase}: conveyor {conv:,.0f} / stub {stub:,.0f} = {conv / stub:.0%}")
+    return "\n".join(lines) + "\n"
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.0f}"
+
+
+def _ratio(a: float | None, b: float | None, fmt: str) -> str:
+    return "-" if a is None or not b else fmt.format(a / b)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=lambda v: [int(t) for t in v.split(",")], default=[1, 4])
     parser.add_argument("--durability", default="fsync", choices=["fsync", "os", "none"])
     parser.add_argument("--targets", default="stub,conveyor,moto")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--port-file", help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve == "conveyor":
-        return serve_conveyor(args.port_file, args.data, args.durability)
     if args.serve == "stub":
         return serve_stub(args.port_file)
 
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[int, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.targets.split(","):
             results[kind] = bench(kind, args, tmp)
-            r = results[kind]
-            print(f"{kind:9s} send_batch {r['send']:9.0f} msg/s   "
-                  f"receive+delete_batch {r['recv']:9.0f} msg/s", flush=True)  # fmt: skip
-    if "stub" in results and "conveyor" in results:
-        for phase in ("send", "recv"):
-            ratio = results["conveyor"][phase] / results["stub"][phase]
-            print(f"conveyor/stub {phase}: {ratio:.0%}")
-    if "moto" in results and "conveyor" in results:
-        for phase in ("send", "recv"):
-            ratio = results["conveyor"][phase] / max(results["moto"][phase], 1e-9)
-            print(f"conveyor/moto {phase}: {ratio:.1f}x")
-    print(f"(durability={args.durability}, threads={args.threads}, seconds={args.seconds})")
+    text = report(results, args)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "sqs.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -1064,10 +1064,19 @@ class Broker:
         if res.failed:
             raise errors.ReceiptInvalid(_stale(receipt))
 
-    async def ack_batch(self, queue: str, receipts: Sequence[str]) -> AckResult:
+    async def ack_batch(
+        self, queue: str, receipts: Sequence[str], *, relaxed: bool = False
+    ) -> AckResult:
+        """``relaxed``: the caller tells no one the ack is stored (AMQP's Basic.Ack has no
+        reply), so the commit need not wait for the disk; an ack lost to a power cut
+        means a redelivery, as with a lease."""
         q = await self._q(queue)
         leases, bad = _parse_all(receipts)
-        done = await self.store.run(lambda tx: tx.ack(q.id, leases)) if leases else set()
+        done = (
+            await self.store.run(lambda tx: tx.ack(q.id, leases), relaxed=relaxed)
+            if leases
+            else set()
+        )
         return _ack_result(receipts, leases, bad, done)
 
     async def nack(

@@ -1010,7 +1010,7 @@ class _Connection(asyncio.Protocol):
 
     async def _ack(self, queue: str, receipts: list[str]) -> None:
         try:
-            result = await self.broker.ack_batch(queue, receipts)
+            result = await self.broker.ack_batch(queue, receipts, relaxed=True)
         except errors.ConveyorError as exc:
             log.debug("amqp %s: ack on %s failed: %s", self.name, queue, exc)
             return

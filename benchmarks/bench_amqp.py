@@ -18,12 +18,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -31,31 +27,10 @@ from pathlib import Path
 
 import aio_pika
 import pika
+from conveyor_serve import start_conveyor
 
 BODY = b"x" * 100
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def start_conveyor(data_dir: str, durability: str) -> tuple[subprocess.Popen[str], int]:
-    """``conveyor serve`` from this checkout, as shipped: AMQP on a free port, no Kafka."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
-    src = str(Path(__file__).resolve().parent.parent / "src")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    ready = Path(data_dir) / "ready.json"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "conveyor", "serve", "--data", f"{data_dir}/data",
-         "--http-port", "0", "--amqp-port", "0", "--no-kafka", "--durability", durability,
-         "--ready-file", str(ready), "--log-level", "warning"],
-        stdout=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )  # fmt: skip
-    deadline = time.monotonic() + 30
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("conveyor serve did not start")
-        time.sleep(0.05)
-    return proc, int(json.loads(ready.read_text())["amqp_port"])
 
 
 async def aio_publish(url: str, queue: str, n: int, window: int) -> float:
@@ -180,7 +155,8 @@ def main() -> None:
     # the two brokers round by round and compare medians, not one run of each.
     samples: dict[str, dict[str, list[float]]] = {"conveyor": {}, "rabbitmq": {}}
     with tempfile.TemporaryDirectory() as data:
-        proc, port = start_conveyor(data, args.durability)
+        proc, ready = start_conveyor(data, args.durability, amqp=True)
+        port = int(ready["amqp_port"])
         try:
             for _ in range(args.rounds):
                 got = run("127.0.0.1", port, args.messages, args.pika_messages, args.window)

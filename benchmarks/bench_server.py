@@ -25,11 +25,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import multiprocessing as mp
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +45,8 @@ RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 sys.path.insert(0, str(SRC))
 
+from conveyor_serve import start_conveyor  # noqa: E402  (beside this script)
+
 
 def _run(coro_fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> Any:
     try:
@@ -63,21 +63,8 @@ def _run(coro_fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> Any:
 class Server:
     def __init__(self, durability: str) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="conveyor-bench-")
-        ready = Path(self.tmp.name) / "ready.json"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
-        env["PYTHONPATH"] = str(SRC)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "conveyor", "serve", "--data", f"{self.tmp.name}/data",
-             "--http-port", "0", "--no-amqp", "--durability", durability,
-             "--ready-file", str(ready), "--log-level", "warning"],
-            env=env, stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("conveyor serve did not start")
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{json.loads(ready.read_text())['http_port']}"
+        self.proc, ready = start_conveyor(self.tmp.name, durability)
+        self.url = f"http://127.0.0.1:{ready['http_port']}"
 
     def close(self) -> None:
         self.proc.terminate()

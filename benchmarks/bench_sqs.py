@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+from conveyor_serve import start_conveyor
+
 RESULTS = Path(__file__).resolve().parent / "results"
 BODY = "x" * 100
 
@@ -119,28 +120,20 @@ def free_port() -> int:
 
 
 def start(kind: str, tmp: str, durability: str) -> tuple[subprocess.Popen[bytes], str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
     if kind == "moto":
         port = free_port()
         args = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
         _wait_http(url, proc)
         return proc, url
     if kind == "conveyor":
-        ready = os.path.join(tmp, f"conveyor-{time.monotonic_ns()}.json")
-        env = {k: v for k, v in env.items() if not k.startswith("CONVEYOR_")}
-        args = [sys.executable, "-m", "conveyor", "serve",
-                "--data", os.path.join(tmp, f"conveyor-data-{time.monotonic_ns()}"),
-                "--http-port", "0", "--no-amqp", "--durability", durability,
-                "--ready-file", ready, "--log-level", "warning"]  # fmt: skip
-        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL)
-        _wait_file(ready, proc)
-        return proc, f"http://127.0.0.1:{json.loads(Path(ready).read_text())['http_port']}"
+        data = tempfile.mkdtemp(dir=tmp)
+        proc, ready = start_conveyor(data, durability)
+        return proc, f"http://127.0.0.1:{ready['http_port']}"
     port_file = os.path.join(tmp, f"{kind}.port")
     args = [sys.executable, __file__, "--serve", kind, "--port-file", port_file]
-    proc = subprocess.Popen(args, env=env)
+    proc = subprocess.Popen(args)
     _wait_file(port_file, proc)
     return proc, f"http://127.0.0.1:{Path(port_file).read_text()}"
 

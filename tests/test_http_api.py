@@ -257,6 +257,9 @@ BAD = "invalid_argument"
         ("POST", "/v1/exchanges/none-{q}/publish", {"json": {"body": "x"}}, 404,
          "exchange_not_found"),
         ("GET", "/v1/nothing-here", {}, 404, "not_found"),
+        # the paths SQS requests go to, without an SQS request: the same 404
+        ("GET", "/", {}, 404, "not_found"),
+        ("POST", "/000000000000/{q}", {"json": {"body": "x"}}, 404, "not_found"),
         ("DELETE", "/v1/queues/{q}/stats", {}, 405, "method_not_allowed"),
     ],
 )  # fmt: skip
